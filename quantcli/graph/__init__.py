@@ -1,0 +1,1 @@
+"""Graph I/O and preparation passes (onnx-ir based)."""
