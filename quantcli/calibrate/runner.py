@@ -1,0 +1,106 @@
+"""Run the model on ONNX Runtime batch by batch and update streaming statistics.
+
+Memory is bounded by the model, one batch of activations and a fixed-size state per
+tensor: activations are folded into the statistics and dropped, whatever the sample count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from quantcli.calibrate.config import CalibrationConfig
+from quantcli.calibrate.observers import TensorStats
+from quantcli.calibrate.table import CalibrationTable, model_fingerprint
+from quantcli.data import DataSource
+from quantcli.errors import DataError, InputError
+from quantcli.runtime import session_for_model
+
+Progress = Callable[[int, int], None]  # (samples done, samples total)
+
+
+def collect_stats(
+    model: ir.Model,
+    tensors: list[str],
+    data: DataSource,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    provider: str = "cpu",
+) -> dict[str, TensorStats]:
+    """Statistics of `tensors` (intermediate values of `model`) over all of `data`."""
+    if not tensors:
+        raise InputError(
+            "the model has nothing to calibrate (no tensor would be quantized)",
+            hint="check --op-types/--exclude, or run quantcli inspect on the model",
+        )
+    stats = {name: TensorStats() for name in tensors}
+    with _exposed(model, tensors), session_for_model(model, provider) as session:
+        done = 0
+        for batch in data.batches(batch_size):
+            outputs = session.run(tensors, batch.feeds)
+            for name, array in zip(tensors, outputs):
+                _check_finite(name, array, batch.indices)
+                stats[name].update(array)
+            done += len(batch.indices)
+            if progress:
+                progress(done, data.num_samples)
+    return stats
+
+
+class _exposed:
+    """Temporarily list intermediate tensors as graph outputs so ORT returns them."""
+
+    def __init__(self, model: ir.Model, tensors: list[str]) -> None:
+        self.graph = model.graph
+        values = {v.name: v for n in model.graph for v in n.outputs}
+        values.update((v.name, v) for v in model.graph.inputs)
+        missing = [t for t in tensors if t not in values]
+        if missing:
+            raise InputError(f"tensor '{missing[0]}' is not in the model")
+        self.added = [values[t] for t in tensors if not values[t].is_graph_output()]
+
+    def __enter__(self) -> None:
+        for value in self.added:
+            if value.type is None:  # shape inference gave up; activations here are float
+                value.dtype = ir.DataType.FLOAT
+        self.graph.outputs.extend(self.added)
+
+    def __exit__(self, *exc: object) -> None:
+        for value in self.added:
+            self.graph.outputs.remove(value)
+
+
+def _check_finite(name: str, array: np.ndarray, indices: range) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        sample = indices[0] if len(indices) == 1 else f"{indices[0]}..{indices[-1]}"
+        raise DataError(
+            f"activation '{name}' has NaN or Inf on sample {sample}",
+            hint="check that sample's values and the model's preprocessing",
+        )
+
+
+def calibrate_model(
+    model: ir.Model,
+    model_path: Path,
+    tensors: list[str],
+    data: DataSource,
+    config: CalibrationConfig,
+    progress: Progress | None = None,
+) -> CalibrationTable:
+    """A full calibration table for a prepared model's planned tensors."""
+    stats = collect_stats(model, tensors, data, config.batch_size, progress)
+    table = CalibrationTable(
+        fingerprint=model_fingerprint(model_path),
+        model_name=model_path.name,
+        method=config.method,
+        percentile=config.percentile,
+        symmetric=config.symmetric,
+        samples=data.num_samples,
+        stats=stats,
+        shard=config.shard,
+    )
+    table.compute_ranges()
+    return table

@@ -1,0 +1,1 @@
+"""The command-line shell: one thin module per command over the library."""

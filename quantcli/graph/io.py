@@ -1,0 +1,186 @@
+"""Loading and saving models: clear errors for bad files, atomic writes, external data.
+
+Models are held as onnx-ir graphs whose external tensors stay memory-mapped, so a model
+over 2 GB never becomes a single protobuf in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from quantcli.errors import ModelError, OutputError
+
+# Domains whose ops ONNX Runtime implements; anything else must come with its own kernels.
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+# Above this many bytes of weights, outputs are written with external data.
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+
+@dataclass
+class LoadedModel:
+    model: ir.Model
+    path: Path
+    size_bytes: int  # the .onnx file plus its external data files
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
+    """Read an ONNX model, or raise a ModelError that says what is wrong with the file."""
+    path = Path(path)
+    _check_path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"{path} is not a readable ONNX model (truncated or another format: {_short(exc)})",
+            hint="pass an .onnx file exported by a framework",
+        ) from exc
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise ModelError(
+            f"{path} is not an ONNX model (no graph found)", hint="pass an .onnx file"
+        )
+    data_files = _external_files(proto, path.parent)
+    if check:
+        _check_domains(proto)
+        _run_checker(path)
+    model = ir.load(path)
+    size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
+    return LoadedModel(model=model, path=path, size_bytes=size)
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist", hint="check the path")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file", hint="pass the .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty", hint="re-export or re-download it")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
+
+
+def _iter_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensors(sub)
+
+
+def _external_files(proto: onnx.ModelProto, base: Path) -> list[Path]:
+    """The external data files a model refers to; each must exist."""
+    files: dict[str, Path] = {}
+    for tensor in _iter_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = base / location
+        if not target.is_file():
+            raise ModelError(
+                f"external data file '{location}' of tensor '{tensor.name}' is missing "
+                f"(looked in {base})",
+                hint="keep the model's data files next to the .onnx file",
+            )
+        files[location] = target
+    return list(files.values())
+
+
+def _check_domains(proto: onnx.ModelProto) -> None:
+    local = {f.domain for f in proto.functions}
+    for node in proto.graph.node:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise ModelError(
+                f"node '{node.name}' uses op '{node.op_type}' from the custom domain "
+                f"'{node.domain}', which ONNX Runtime does not know",
+                hint="export the model with standard ONNX ops",
+            )
+
+
+def _run_checker(path: Path) -> None:
+    try:
+        # A path (not a proto) lets the checker handle external data and models over 2 GB.
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(
+            f"{path} fails the ONNX checker: {_short(exc)}",
+            hint="re-export the model or fix it with onnx tools",
+        ) from exc
+
+
+def weights_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+
+
+def check_output_path(output: Path, *, inputs: list[Path], force: bool) -> None:
+    """Refuse to write onto an input or an existing file (unless forced), before any work."""
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output {output} is a directory", hint="name a file with -o")
+    for source in inputs:
+        if source.exists() and output.exists() and output.samefile(source):
+            raise OutputError(
+                f"output {output} is the input model; quantcli never overwrites its input",
+                hint="choose another path with -o",
+            )
+    if output.exists() and not force:
+        raise OutputError(f"output {output} already exists", hint="pass --force to replace it")
+    if not output.parent.is_dir():
+        raise OutputError(
+            f"output folder {output.parent} does not exist", hint="create it first"
+        )
+
+
+Validator = Callable[[Path], None]
+
+
+def save_model(
+    model: ir.Model,
+    output: str | os.PathLike,
+    *,
+    inputs: list[Path] | None = None,
+    force: bool = False,
+    validate: Validator | None = None,
+) -> Path:
+    """Write atomically: a temp folder beside the target, validate there, then rename.
+
+    External data goes to `<output>.data` when the weights are too large for one protobuf.
+    """
+    output = Path(output)
+    check_output_path(output, inputs=inputs or [], force=force)
+    external = weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = output.name + ".data" if external else None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        staged = tmp / output.name
+        ir.save(model, staged, external_data=data_name)
+        if validate is not None:
+            validate(staged)
+        if data_name:
+            os.replace(tmp / data_name, output.parent / data_name)
+        os.replace(staged, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a model file plus its external data files."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(proto, path.parent))

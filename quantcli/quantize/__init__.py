@@ -1,0 +1,1 @@
+"""Weight quantization algorithms (INT4 block quantization, GPTQ) and their packing."""

@@ -1,0 +1,55 @@
+"""Typed, frozen configs: what a conversion should do. Unknown or contradictory is an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantcli.errors import InputError
+
+FORMATS = ("qdq", "qoperator", "dynamic")
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+TARGETS = ("cpu", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    format: str = "qdq"
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    symmetric_activations: bool = False
+    reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None  # None: the measured default set
+    include: tuple[str, ...] = ()  # node names / globs forced in (over default heuristics)
+    exclude: tuple[str, ...] = ()  # node names / globs kept float
+    quantize_depthwise: bool | None = None  # None: by the target's measured default
+    target: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _choice("--format", self.format, FORMATS)
+        _choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
+        _choice("--weight-type", self.weight_type, WEIGHT_TYPES)
+        _choice("--target", self.target, TARGETS)
+        if self.target == "tensorrt":
+            if self.format != "qdq":
+                raise InputError("--target tensorrt needs --format qdq", hint="drop --format")
+            if self.activation_type != "int8" or not self.symmetric_activations:
+                raise InputError(
+                    "--target tensorrt uses symmetric int8 activations",
+                    hint="use Int8Config.for_target('tensorrt') or drop the activation options",
+                )
+        if self.weight_type == "uint8" and self.format == "dynamic":
+            raise InputError("--dynamic needs --weight-type int8", hint="drop --weight-type")
+
+    @staticmethod
+    def for_target(target: str, **overrides: object) -> Int8Config:
+        if target == "tensorrt":
+            base = {"activation_type": "int8", "symmetric_activations": True, "target": target}
+            return Int8Config(**{**base, **overrides})  # type: ignore[arg-type]
+        return Int8Config(target=target, **overrides)  # type: ignore[arg-type]
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(f"{option} '{value}' is not supported", hint=f"use {', '.join(allowed)}")

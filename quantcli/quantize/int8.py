@@ -1,0 +1,126 @@
+"""`convert --bits 8`: prepare, plan, get ranges, insert Q/DQ, lower, validate, save."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from quantcli.calibrate.config import CalibrationConfig
+from quantcli.calibrate.table import CalibrationTable, model_fingerprint
+from quantcli.data import DataSource
+from quantcli.errors import InputError
+from quantcli.graph.io import LoadedModel
+from quantcli.quantize.config import Int8Config
+from quantcli.quantize.plan import Plan
+from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.qdq import QDQPass
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Int8Result:
+    model: ir.Model
+    plan: Plan
+    quantized_by_type: dict[str, int]
+    float_nodes: list[tuple[str, str, str]]  # node, op type, reason
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_not_quantized(model: ir.Model) -> None:
+    kinds = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+             "MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeLinear"}
+    found = sorted({n.op_type for n in model.graph if n.op_type in kinds})
+    if found:
+        raise InputError(
+            f"the model is already quantized (it has {', '.join(found)})",
+            hint="pass the float model",
+        )
+
+
+def quantize_int8(
+    loaded: LoadedModel,
+    config: Int8Config,
+    *,
+    table: CalibrationTable | None = None,
+    data: DataSource | None = None,
+    calibration: CalibrationConfig | None = None,
+    progress: Progress | None = None,
+) -> Int8Result:
+    """Quantize a loaded float model to INT8 in the configured format (returns the graph)."""
+    model = loaded.model
+    check_not_quantized(model)
+    model, plan = prepare_for_int8(model, config)
+    if config.format == "dynamic":
+        return _dynamic(model, plan, config)
+    if not plan.nodes:
+        raise InputError(
+            "nothing to quantize: no node matches the selected op types",
+            hint="run quantcli inspect to see the op types, then set --op-types/--include",
+        )
+    ranges = _ranges(loaded, model, plan, table, data, calibration, progress)
+    QDQPass(plan, ranges, config)(model)
+    if config.format == "qoperator":
+        from quantcli.quantize.qoperator import QOperatorPass
+
+        QOperatorPass()(model)
+    RemoveUnusedNodesPass()(model)
+    return _result(model, plan)
+
+
+def _ranges(
+    loaded: LoadedModel,
+    model: ir.Model,
+    plan: Plan,
+    table: CalibrationTable | None,
+    data: DataSource | None,
+    calibration: CalibrationConfig | None,
+    progress: Progress | None,
+) -> dict[str, tuple[float, float]]:
+    if table is None:
+        if data is None:
+            raise InputError(
+                "static INT8 needs activation ranges",
+                hint="pass --data SAMPLES or --calibration table.json, or use --dynamic",
+            )
+        from quantcli.calibrate.runner import calibrate_model
+
+        config = calibration or CalibrationConfig()
+        table = calibrate_model(model, loaded.path, plan.activations, data, config, progress)
+    elif table.fingerprint != model_fingerprint(loaded.path):
+        raise InputError(
+            f"the calibration table was made for another model ({table.model_name})",
+            hint="recalibrate this model with quantcli calibrate",
+        )
+    missing = [t for t in plan.activations if t not in table.ranges]
+    if missing:
+        raise InputError(
+            f"the calibration table has no range for {len(missing)} tensors (e.g. '{missing[0]}')",
+            hint="calibrate with the same --op-types/--include/--exclude as convert",
+        )
+    return dict(table.ranges)
+
+
+def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
+    from quantcli.quantize.dynamic import DynamicQuantizePass
+
+    names = {n.node for n in plan.nodes if n.op_type in ("MatMul", "Gemm") and n.weight}
+    if not names:
+        raise InputError(
+            "nothing to quantize dynamically: no MatMul/Gemm with a constant weight",
+            hint="use static quantization (--data) for convolutional models",
+        )
+    DynamicQuantizePass(per_channel=config.per_channel, nodes=frozenset(names))(model)
+    RemoveUnusedNodesPass()(model)
+    return _result(model, plan)
+
+
+def _result(model: ir.Model, plan: Plan) -> Int8Result:
+    counts = Counter(n.op_type for n in plan.nodes)
+    return Int8Result(model, plan, dict(sorted(counts.items())), list(plan.skipped))
+

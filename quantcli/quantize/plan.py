@@ -1,0 +1,229 @@
+"""Decide what to quantize, from the rules, before anything in the graph changes.
+
+The plan is the one source of truth for which activations need calibration ranges:
+`quantcli calibrate` and `quantcli convert` both ask it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from quantcli.quantize.config import Int8Config
+from quantcli.quantize.rules import (
+    FUSABLE_ACTIVATIONS,
+    RULES,
+    OpRule,
+    Output,
+    clip_bounds_constant,
+    is_depthwise,
+    rule_for,
+)
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+# Measured on real models (docs/int8.md): the compute-heavy ops, and data movement between
+# them, keep accuracy and gain speed; quantizing every elementwise op costs accuracy.
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm") + tuple(
+    op for op, rule in RULES.items() if rule.output is Output.SHARED and op != "Gather"
+)
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    name: str  # the initializer
+    axis: int | None  # per-channel axis, or None for per-tensor
+    role: str  # "weight" (int8 symmetric) | "constant" (an activation-typed constant input)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node: str
+    op_type: str
+    inputs: tuple[str, ...]  # activation tensors this node reads quantized
+    weight: str | None
+    bias: str | None
+    output: str | None  # the quantized output tensor (after a fused Relu/Clip)
+    fused: str | None  # name of the fused Relu/Clip node
+
+
+@dataclass
+class Plan:
+    nodes: list[NodePlan] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)  # need a calibrated range
+    shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor it copies params of
+    weights: dict[str, WeightPlan] = field(default_factory=dict)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, reason
+
+    def quantized_tensors(self) -> list[str]:
+        return self.activations + [t for t in self.shared if t not in self.activations]
+
+    def root_of(self, tensor: str) -> str:
+        while tensor in self.shared:
+            tensor = self.shared[tensor]
+        return tensor
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in FLOAT_TYPES
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+class _Planner:
+    def __init__(self, model: ir.Model, config: Int8Config) -> None:
+        self.graph = model.graph
+        self.config = config
+        self.types = set(config.op_types or DEFAULT_OP_TYPES)
+        self.plan = Plan()
+        self.quantized: set[str] = set()  # tensors that carry Q/DQ
+        self.weight_axes: dict[str, set[int | None]] = {}
+
+    def run(self) -> Plan:
+        candidates = [n for n in self.graph if self._candidate(n)]
+        readers = self._quantized_readers(candidates)
+        for node in candidates:
+            self._plan_node(node, readers)
+        for name, axes in sorted(self.weight_axes.items()):
+            axis = next(iter(axes)) if len(axes) == 1 else None
+            role = self.plan.weights[name].role
+            self.plan.weights[name] = WeightPlan(name, axis if self.config.per_channel else None, role)
+        return self.plan
+
+    def _skip(self, node: ir.Node, reason: str) -> bool:
+        self.plan.skipped.append((node.name or "", node.op_type, reason))
+        return False
+
+    def _candidate(self, node: ir.Node) -> bool:
+        rule = rule_for(node)
+        if rule is None or node.op_type not in self.types:
+            return False
+        name, forced = node.name or "", _matches(node.name or "", self.config.include)
+        if _matches(name, self.config.exclude):
+            return self._skip(node, "excluded by --exclude")
+        if not _is_float(node.inputs[0] if node.inputs else None):
+            return self._skip(node, "input is not float32/float16")
+        if rule.check and (reason := rule.check(node)):
+            return self._skip(node, reason)
+        if rule.weight is not None and node.op_type != "MatMul":
+            if not _is_const(_input(node, rule.weight)):
+                return self._skip(node, "weight is not a constant")
+        if forced:
+            return True
+        if is_depthwise(node) and not self._depthwise_allowed():
+            return self._skip(node, "depthwise Conv: int8 is slower than float on CPU")
+        if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
+            return self._skip(node, "activation x activation MatMul kept float for accuracy")
+        return True
+
+    def _depthwise_allowed(self) -> bool:
+        if self.config.quantize_depthwise is not None:
+            return self.config.quantize_depthwise
+        return self.config.target != "cpu"
+
+    def _quantized_readers(self, candidates: list[ir.Node]) -> set[str]:
+        """Tensors some candidate reads as a quantized activation (output look-ahead)."""
+        names: set[str] = set()
+        for node in candidates:
+            rule = RULES[node.op_type]
+            for i in rule.activations:
+                value = _input(node, i)
+                if value is not None and i != rule.weight and not _is_const(value):
+                    names.add(value.name or "")
+        return names
+
+    def _plan_node(self, node: ir.Node, readers: set[str]) -> None:
+        rule = RULES[node.op_type]
+        if rule.output is Output.SHARED and (node.inputs[0].name not in self.quantized):
+            return  # data movement only stays int8 when its input already is
+        weight = self._plan_weight(node, rule)
+        inputs = self._plan_inputs(node, rule)
+        fused = self._fused_activation(node, rule)
+        out_value = fused.outputs[0] if fused else node.outputs[0]
+        output = self._plan_output(node, rule, out_value, readers)
+        bias = _input(node, rule.bias) if rule.bias is not None else None
+        bias_name = bias.name if _is_const(bias) and weight and inputs else None
+        self.plan.nodes.append(
+            NodePlan(node.name or "", node.op_type, inputs, weight, bias_name, output,
+                     fused.name if fused else None)
+        )
+
+    def _plan_weight(self, node: ir.Node, rule: OpRule) -> str | None:
+        value = _input(node, rule.weight) if rule.weight is not None else None
+        if not _is_const(value) or not _is_float(value):
+            return None
+        rank = len(value.const_value.shape)
+        axis = rule.weight_axis(node, rank) if rule.weight_axis else None
+        self._add_weight(value.name or "", axis, "weight")
+        return value.name
+
+    def _add_weight(self, name: str, axis: int | None, role: str) -> None:
+        self.weight_axes.setdefault(name, set()).add(axis)
+        self.plan.weights.setdefault(name, WeightPlan(name, axis, role))
+
+    def _plan_inputs(self, node: ir.Node, rule: OpRule) -> tuple[str, ...]:
+        names = []
+        for i in rule.activations:
+            value = _input(node, i)
+            if value is None or i == rule.weight or not _is_float(value):
+                continue
+            if _is_const(value):
+                self._add_weight(value.name or "", None, "constant")
+                continue
+            self._quantize(value.name or "", own=True)
+            names.append(value.name or "")
+        return tuple(names)
+
+    def _fused_activation(self, node: ir.Node, rule: OpRule) -> ir.Node | None:
+        out = node.outputs[0]
+        uses = out.uses()
+        if not rule.fuses_activation or len(uses) != 1 or out.is_graph_output():
+            return None
+        consumer = uses[0].node
+        if consumer.op_type not in FUSABLE_ACTIVATIONS or consumer.domain not in ("", "ai.onnx"):
+            return None
+        if _matches(consumer.name or "", self.config.exclude):
+            return None
+        if consumer.op_type == "Clip" and not clip_bounds_constant(consumer):
+            return None
+        return consumer
+
+    def _plan_output(
+        self, node: ir.Node, rule: OpRule, value: ir.Value, readers: set[str]
+    ) -> str | None:
+        name = value.name or ""
+        if rule.output is Output.FLOAT or not _is_float(value):
+            return None
+        if rule.output is Output.SHARED:
+            self.plan.shared[name] = node.inputs[0].name or ""
+            self.quantized.add(name)
+            return name
+        if rule.output_required or (name in readers and not value.is_graph_output()):
+            self._quantize(name, own=True)
+            return name
+        return None
+
+    def _quantize(self, name: str, own: bool) -> None:
+        if name in self.quantized:
+            return
+        self.quantized.add(name)
+        if own:
+            self.plan.activations.append(name)
+
+
+def _input(node: ir.Node, index: int | None) -> ir.Value | None:
+    if index is None or index >= len(node.inputs):
+        return None
+    return node.inputs[index]
+
+
+def build_plan(model: ir.Model, config: Int8Config | None = None) -> Plan:
+    """What an INT8 conversion of this prepared model would quantize."""
+    return _Planner(model, config or Int8Config()).run()

@@ -1,0 +1,145 @@
+"""Apply a complete plan: insert QuantizeLinear/DequantizeLinear, quantize weights and biases.
+
+This is the one pass that mutates the graph for INT8; QOperator and other forms are
+rewrites of its output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from quantcli.graph.build import Namer, add_initializer, const_array
+from quantcli.quantize.config import Int8Config
+from quantcli.quantize.math import (
+    QParams,
+    activation_qparams,
+    bias_qparams,
+    quantize,
+    weight_qparams,
+)
+from quantcli.quantize.plan import Plan
+
+Ranges = dict[str, tuple[float, float]]
+
+
+class QDQPass(ir.passes.InPlacePass):
+    def __init__(self, plan: Plan, ranges: Ranges, config: Int8Config) -> None:
+        super().__init__()
+        self.plan, self.ranges, self.config = plan, ranges, config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.namer = Namer(graph)
+        nodes = {n.name: n for n in graph}
+        act_params = self._activation_params()
+        weight_params = self._quantize_weights(graph, nodes)
+        self._quantize_biases(graph, nodes, act_params, weight_params)
+        for tensor in self.plan.quantized_tensors():
+            self._insert_qdq(graph, tensor, act_params[self.plan.root_of(tensor)])
+        graph.sort()
+        return ir.passes.PassResult(model, modified=True)
+
+    def _activation_params(self) -> dict[str, QParams]:
+        cfg = self.config
+        return {
+            name: activation_qparams(*self.ranges[name], cfg.activation_type,
+                                     cfg.symmetric_activations)
+            for name in self.plan.activations
+        }
+
+    def _values(self, graph: ir.Graph) -> dict[str, ir.Value]:
+        values = {v.name: v for v in graph.inputs}
+        values.update(graph.initializers)
+        for node in graph:
+            values.update((v.name, v) for v in node.outputs)
+        return values
+
+    def _dq_node(
+        self, graph: ir.Graph, base: str, q: np.ndarray, qp: QParams, dtype: ir.DataType
+    ) -> ir.Value:
+        """Initializers for q, scale and zero point, and the DequantizeLinear reading them."""
+        q_val = add_initializer(graph, self.namer(f"{base}_quantized"), q)
+        scale = add_initializer(graph, self.namer(f"{base}_scale"), qp.scale.astype(dtype.numpy()))
+        zero = add_initializer(graph, self.namer(f"{base}_zero_point"), qp.zero_point)
+        attrs = [ir.AttrInt64("axis", qp.axis)] if qp.axis is not None else []
+        node = ir.Node("", "DequantizeLinear", [q_val, scale, zero], attrs,
+                       name=self.namer(f"{base}_DequantizeLinear"))
+        out = node.outputs[0]
+        out.name = self.namer(f"{base}_dequantized")
+        out.dtype, out.shape = dtype, q_val.shape
+        graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
+        return out
+
+    def _quantize_weights(self, graph: ir.Graph, nodes: dict[str, ir.Node]) -> dict[str, QParams]:
+        readers: dict[str, list[ir.Node]] = {}
+        for node_plan in self.plan.nodes:
+            node = nodes[node_plan.node]
+            for value in node.inputs:
+                if value is not None and value.name in self.plan.weights:
+                    readers.setdefault(value.name, []).append(node)
+        params: dict[str, QParams] = {}
+        cfg = self.config
+        for name, wplan in self.plan.weights.items():
+            value = graph.initializers[name]
+            w = const_array(value)
+            if wplan.role == "weight":
+                qp = weight_qparams(w, wplan.axis, cfg.weight_type, True, cfg.reduce_range)
+            else:
+                qp = weight_qparams(w, None, cfg.activation_type, cfg.symmetric_activations)
+            dq = self._dq_node(graph, name, quantize(w, qp), qp, value.dtype)
+            for node in readers.get(name, []):
+                for i, inp in enumerate(node.inputs):
+                    if inp is value:
+                        node.replace_input_with(i, dq)
+            params[name] = qp
+        return params
+
+    def _quantize_biases(
+        self,
+        graph: ir.Graph,
+        nodes: dict[str, ir.Node],
+        acts: dict[str, QParams],
+        weights: dict[str, QParams],
+    ) -> None:
+        for node_plan in self.plan.nodes:
+            if not node_plan.bias or node_plan.weight not in weights:
+                continue
+            node = nodes[node_plan.node]
+            index = [v.name if v else None for v in node.inputs].index(node_plan.bias)
+            value = node.inputs[index]
+            in_qp = acts[self.plan.root_of(node_plan.inputs[0])]
+            w_qp = weights[node_plan.weight]
+            qp = bias_qparams(in_qp.scale, w_qp.scale)
+            b = const_array(value).astype(np.float64)
+            q = np.clip(np.rint(b / qp.scale), -(2**31), 2**31 - 1).astype(np.int32)
+            dq = self._dq_node(graph, f"{node_plan.bias}_{node.name}", q, qp, value.dtype)
+            node.replace_input_with(index, dq)
+
+    def _insert_qdq(self, graph: ir.Graph, tensor: str, qp: QParams) -> None:
+        value = self._values(graph)[tensor]
+        uses = [(u.node, u.idx) for u in value.uses()]  # before the Q node becomes one
+        dtype = value.dtype or ir.DataType.FLOAT
+        scale = add_initializer(graph, self.namer(f"{tensor}_scale"), qp.scale.astype(dtype.numpy()))
+        zero = add_initializer(graph, self.namer(f"{tensor}_zero_point"), qp.zero_point)
+        q = ir.Node("", "QuantizeLinear", [value, scale, zero], name=self.namer(f"{tensor}_QuantizeLinear"))
+        q.outputs[0].name = self.namer(f"{tensor}_quantized")
+        q.outputs[0].dtype = ir.DataType.UINT8 if qp.dtype == "uint8" else ir.DataType.INT8
+        q.outputs[0].shape = value.shape
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero],
+                     name=self.namer(f"{tensor}_DequantizeLinear"))
+        dq_out = dq.outputs[0]
+        dq_out.dtype, dq_out.shape = dtype, value.shape
+        dq_out.name = self.namer(f"{tensor}_dequantized")
+        for node, idx in uses:
+            node.replace_input_with(idx, dq_out)
+        if value.is_graph_output():
+            # Keep the output's name for users: the float tensor gets a new name.
+            outputs = graph.outputs
+            outputs[outputs.index(value)] = dq_out
+            value.name, dq_out.name = self.namer(f"{tensor}_float"), tensor
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(graph.node(0), [q, dq])
+        else:
+            graph.insert_after(producer, [q, dq])

@@ -1,0 +1,45 @@
+"""Validate a written model before it replaces anything: checker, ORT session, finite outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quantcli.errors import QuantcliError
+from quantcli.runtime import create_session
+
+Feeds = dict[str, np.ndarray]
+
+
+class InvalidOutput(QuantcliError):
+    """quantcli produced a model that does not validate: a bug, reported as such (exit 3)."""
+
+    exit_code = 3
+
+
+def output_validator(samples: list[Feeds], provider: str = "cpu") -> Callable[[Path], None]:
+    """A callback for save_model: full ONNX check, an ORT session, finite outputs on samples."""
+
+    def validate(path: Path) -> None:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise InvalidOutput(f"the quantized model fails the ONNX checker: {exc}") from exc
+        try:
+            session = create_session(path, provider)
+        except QuantcliError:
+            raise
+        except Exception as exc:
+            raise InvalidOutput(f"ONNX Runtime cannot load the quantized model: {exc}") from exc
+        names = [o.name for o in session.get_outputs()]
+        for i, feeds in enumerate(samples):
+            for name, array in zip(names, session.run(None, feeds)):
+                if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                    raise InvalidOutput(
+                        f"the quantized model's output '{name}' is not finite on sample {i}"
+                    )
+
+    return validate
