@@ -22,6 +22,31 @@ from quantcli.runtime import session_for_model
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 
 
+def run_exposed(
+    model: ir.Model,
+    tensors: list[str],
+    data: DataSource,
+    on_batch: Callable[[dict[str, np.ndarray], range], None],
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    provider: str = "cpu",
+) -> None:
+    """Run `model` over `data`, handing each batch's values of `tensors` to `on_batch`."""
+    if not tensors:
+        raise InputError(
+            "the model has nothing to calibrate (no tensor would be quantized)",
+            hint="check --op-types/--exclude, or run quantcli inspect on the model",
+        )
+    with _exposed(model, tensors), session_for_model(model, provider) as session:
+        done = 0
+        for batch in data.batches(batch_size):
+            outputs = session.run(tensors, batch.feeds)
+            on_batch(dict(zip(tensors, outputs)), batch.indices)
+            done += len(batch.indices)
+            if progress:
+                progress(done, data.num_samples)
+
+
 def collect_stats(
     model: ir.Model,
     tensors: list[str],
@@ -30,23 +55,15 @@ def collect_stats(
     progress: Progress | None = None,
     provider: str = "cpu",
 ) -> dict[str, TensorStats]:
-    """Statistics of `tensors` (intermediate values of `model`) over all of `data`."""
-    if not tensors:
-        raise InputError(
-            "the model has nothing to calibrate (no tensor would be quantized)",
-            hint="check --op-types/--exclude, or run quantcli inspect on the model",
-        )
+    """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`."""
     stats = {name: TensorStats() for name in tensors}
-    with _exposed(model, tensors), session_for_model(model, provider) as session:
-        done = 0
-        for batch in data.batches(batch_size):
-            outputs = session.run(tensors, batch.feeds)
-            for name, array in zip(tensors, outputs):
-                _check_finite(name, array, batch.indices)
-                stats[name].update(array)
-            done += len(batch.indices)
-            if progress:
-                progress(done, data.num_samples)
+
+    def update(values: dict[str, np.ndarray], indices: range) -> None:
+        for name, array in values.items():
+            _check_finite(name, array, indices)
+            stats[name].update(array)
+
+    run_exposed(model, tensors, data, update, batch_size, progress, provider)
     return stats
 
 

@@ -110,3 +110,111 @@ def _report_bug() -> int:
         highlight=False,
     )
     return EXIT_INTERNAL
+
+
+OpTypesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--op-types", help="Comma-separated op types to quantize (default: the measured set)."
+    ),
+]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--include", help="Node name or glob to quantize even if defaults skip it."),
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option("--exclude", help="Node name or glob to keep in float.")
+]
+PreprocessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preprocess",
+        help="Image preprocessing, e.g. 'size=224x224,resize=resize-crop,scale=0.00392,"
+        "mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW,channels=RGB'.",
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per inference run.")]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")
+]
+
+
+def op_selection(
+    op_types: str | None, include: list[str] | None, exclude: list[str] | None
+) -> dict[str, Any]:
+    """Int8Config fields for the node selection options, validated."""
+    from quantcli.errors import InputError
+    from quantcli.quantize.rules import RULES
+
+    selected = None
+    if op_types:
+        selected = tuple(t.strip() for t in op_types.split(",") if t.strip())
+        unknown = [t for t in selected if t not in RULES]
+        if unknown:
+            raise InputError(
+                f"--op-types: '{unknown[0]}' is not an op type quantcli can quantize",
+                hint=f"supported: {', '.join(sorted(RULES))}",
+            )
+    return {"op_types": selected, "include": tuple(include or ()), "exclude": tuple(exclude or ())}
+
+
+def parse_preprocess(text: str | None) -> Any:
+    """'key=value,...' into ImageOptions; an unknown key is an error."""
+    from quantcli.data import ImageOptions
+    from quantcli.errors import InputError
+
+    if not text:
+        return None
+    fields: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise InputError(f"--preprocess: '{item}' is not key=value", hint="e.g. size=224x224")
+        if key == "size":
+            h, _, w = value.lower().partition("x")
+            fields["size"] = (int(h), int(w or h))
+        elif key in ("mean", "std"):
+            fields[key] = tuple(float(v) for v in value.split("/"))
+        elif key == "scale":
+            num, _, den = value.partition("/")
+            fields["scale"] = float(num) / float(den) if den else float(num)
+        elif key in ("resize", "layout", "channels"):
+            fields[key] = value.strip()
+        else:
+            raise InputError(
+                f"--preprocess: unknown key '{key}'",
+                hint="keys: size, resize, scale, mean, std, layout, channels",
+            )
+    return ImageOptions(**fields)
+
+
+def progress_bar(description: str, total: int) -> Any:
+    """A rich progress bar on stderr (samples/s, ETA); returns (progress, update callback)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = progress.add_task(description, total=total, rate="")
+
+    def update(done: int, total_: int) -> None:
+        speed = progress.tasks[task].speed
+        rate = f"{speed:.1f} samples/s" if speed else ""
+        progress.update(task, completed=done, total=total_, rate=rate)
+
+    return progress, update

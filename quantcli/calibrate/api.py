@@ -1,0 +1,36 @@
+"""`calibrate_file`: the library function behind `quantcli calibrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantcli.calibrate.config import CalibrationConfig
+from quantcli.calibrate.runner import Progress, calibrate_model
+from quantcli.calibrate.table import CalibrationTable
+from quantcli.data import DataSource, ImageOptions, open_data
+from quantcli.graph.io import load_model
+from quantcli.graph.signature import input_specs
+from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8 import check_not_quantized
+from quantcli.quantize.prepare import prepare_for_int8
+
+
+def calibrate_file(
+    model_path: Path,
+    data_spec: str,
+    config: CalibrationConfig,
+    int8: Int8Config | None = None,
+    *,
+    images: ImageOptions | None = None,
+    progress: Progress | None = None,
+) -> tuple[CalibrationTable, DataSource]:
+    """Calibrate exactly the tensors that INT8 conversion with `int8` would quantize."""
+    loaded = load_model(model_path)
+    check_not_quantized(loaded.model)
+    data = open_data(
+        data_spec, input_specs(loaded.model), images=images, shard=config.shard,
+        limit=config.limit,
+    )
+    prepared, plan = prepare_for_int8(loaded.model, int8 or Int8Config())
+    table = calibrate_model(prepared, loaded.path, plan.activations, data, config, progress)
+    return table, data

@@ -1,0 +1,199 @@
+"""`quantcli convert MODEL --bits 8|4 -o OUT`: write a quantized model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from quantcli.cli.calibrate_cmd import MethodOpt, PercentileOpt, _Bar
+from quantcli.cli.common import (
+    BatchOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelArg,
+    OpTypesOpt,
+    OutputOpt,
+    PreprocessOpt,
+    handle_errors,
+    op_selection,
+    out,
+    parse_preprocess,
+    print_json,
+    warn,
+)
+from quantcli.errors import InputError
+
+
+@handle_errors
+def convert(
+    model: ModelArg,
+    output: OutputOpt,
+    bits: Annotated[int, typer.Option("--bits", help="8 (INT8) or 4 (INT4 weight-only).")] = 8,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Calibration samples (see calibrate).")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="A table from quantcli calibrate.")
+    ] = None,
+    dynamic: Annotated[
+        bool, typer.Option("--dynamic", help="INT8 dynamic quantization: no calibration.")
+    ] = False,
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="INT8: qdq (default) or qoperator. INT4: "
+                     "matmulnbits (default) or qdq (standard DequantizeLinear int4)."),
+    ] = None,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="INT8 weight granularity.")
+    ] = True,
+    activation_type: Annotated[
+        str, typer.Option("--activation-type", help="INT8 activations: uint8 or int8.")
+    ] = "uint8",
+    weight_type: Annotated[
+        str, typer.Option("--weight-type", help="INT8 weights: int8 or uint8.")
+    ] = "int8",
+    symmetric_activations: Annotated[
+        bool, typer.Option("--symmetric-activations", help="Symmetric activation ranges.")
+    ] = False,
+    reduce_range: Annotated[
+        bool, typer.Option("--reduce-range", help="7-bit weights, for CPUs without VNNI.")
+    ] = False,
+    target: Annotated[
+        str, typer.Option("--target", help="cpu (default) or tensorrt (symmetric int8 QDQ).")
+    ] = "cpu",
+    depthwise: Annotated[
+        bool | None,
+        typer.Option("--depthwise/--no-depthwise",
+                     help="Quantize depthwise convs (default: not on cpu, where int8 is slower)."),
+    ] = None,
+    op_types: OpTypesOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    method: MethodOpt = "percentile",
+    percentile: PercentileOpt = 99.99,
+    batch_size: BatchOpt = 1,
+    limit: LimitOpt = None,
+    preprocess: PreprocessOpt = None,
+    block_size: Annotated[
+        int, typer.Option("--block-size", help="INT4: block along K (16..256).")
+    ] = 32,
+    symmetric: Annotated[
+        bool, typer.Option("--symmetric/--asymmetric", help="INT4 weights: zero point or not.")
+    ] = True,
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="INT4: rtn (default) or gptq (needs --data).")
+    ] = "rtn",
+    accuracy_level: Annotated[
+        int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level (0-4).")
+    ] = 0,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Quantize MODEL to INT8 (QDQ, QOperator or dynamic) or INT4 and write it to -o."""
+    if bits == 8:
+        summary = _int8(**locals())
+    elif bits == 4:
+        summary = _int4(**locals())
+    else:
+        raise InputError(f"--bits {bits} is not supported", hint="use --bits 8 or --bits 4")
+    doc = summary.to_dict()
+    for message in summary.warnings:
+        warn(message)
+    if json_:
+        print_json(doc)
+    else:
+        render(doc)
+
+
+def _int8(**o: Any) -> Any:
+    from quantcli.calibrate.config import CalibrationConfig
+    from quantcli.convert import convert_int8_file
+    from quantcli.quantize.config import Int8Config
+
+    if o["dynamic"] and o["format_"] not in (None, "dynamic"):
+        raise InputError("--dynamic and --format are exclusive", hint="drop one of them")
+    if o["algorithm"] != "rtn" or o["block_size"] != 32:
+        raise InputError("--algorithm/--block-size are INT4 options", hint="add --bits 4")
+    if not (o["data"] or o["calibration"] or o["dynamic"]):
+        raise InputError(
+            "INT8 needs activation ranges",
+            hint="pass --data SAMPLES, --calibration table.json, or --dynamic",
+        )
+    fields = op_selection(o["op_types"], o["include"], o["exclude"])
+    fields.update(
+        format="dynamic" if o["dynamic"] else (o["format_"] or "qdq"),
+        per_channel=o["per_channel"],
+        weight_type=o["weight_type"],
+        reduce_range=o["reduce_range"],
+        quantize_depthwise=o["depthwise"],
+    )
+    if o["target"] == "tensorrt":
+        config = Int8Config.for_target("tensorrt", **fields)
+    else:
+        config = Int8Config(
+            activation_type=o["activation_type"],
+            symmetric_activations=o["symmetric_activations"],
+            target=o["target"],
+            **fields,
+        )
+    calibration = CalibrationConfig(
+        method=o["method"], percentile=o["percentile"], batch_size=o["batch_size"],
+        limit=o["limit"], symmetric=config.symmetric_activations,
+    )
+    return convert_int8_file(
+        o["model"], o["output"], config, data_spec=o["data"], table_path=o["calibration"],
+        calibration=calibration, images=parse_preprocess(o["preprocess"]), force=o["force"],
+        progress=_Bar(),
+    )
+
+
+def _int4(**o: Any) -> Any:
+    from quantcli.convert import convert_int4_file
+    from quantcli.quantize.int4 import Int4Config
+
+    if o["dynamic"] or o["calibration"]:
+        raise InputError("--dynamic/--calibration are INT8 options", hint="drop them for --bits 4")
+    config = Int4Config(
+        block_size=o["block_size"],
+        symmetric=o["symmetric"],
+        algorithm=o["algorithm"],
+        format=o["format_"] or "matmulnbits",
+        accuracy_level=o["accuracy_level"],
+        exclude=tuple(o["exclude"] or ()),
+    )
+    return convert_int4_file(
+        o["model"], o["output"], config, data_spec=o["data"], limit=o["limit"],
+        batch_size=o["batch_size"], force=o["force"], progress=_Bar(),
+    )
+
+
+def render(doc: dict[str, Any]) -> None:
+    ratio = doc["size_ratio"]
+    out.print(
+        f"Wrote {doc['output']} ({doc['bits']}-bit, {doc['format']}): "
+        f"{doc['size_before'] / 1e6:.2f} MB -> {doc['size_after'] / 1e6:.2f} MB "
+        f"({ratio:.2f}x) in {doc['seconds']:.1f} s"
+    )
+    table = Table(title="Quantized nodes", title_justify="left")
+    table.add_column("op type")
+    table.add_column("nodes", justify="right")
+    for op, count in doc["quantized"].items():
+        table.add_row(op, str(count))
+    out.print(table)
+    if doc["float"]:
+        reasons: dict[str, int] = {}
+        for entry in doc["float"]:
+            key = f"{entry['op_type']}: {entry['reason']}"
+            reasons[key] = reasons.get(key, 0) + 1
+        left = Table(title="Left in float", title_justify="left")
+        left.add_column("why")
+        left.add_column("nodes", justify="right")
+        for key, count in reasons.items():
+            left.add_row(key, str(count))
+        out.print(left)

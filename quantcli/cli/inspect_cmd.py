@@ -1,0 +1,81 @@
+"""`quantcli inspect MODEL`: a model's signature, ops, parameters and quantization plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from quantcli.cli.common import JsonOpt, ModelArg, handle_errors, out, print_json
+
+
+@handle_errors
+def inspect(model: ModelArg, json_: JsonOpt = False) -> None:
+    """Show IR version, opsets, inputs/outputs, op types, parameters, and what would be quantized."""
+    from quantcli.graph.io import load_model
+    from quantcli.inspect import inspect_model
+
+    info = inspect_model(load_model(model))
+    if json_:
+        print_json({"schema": "quantcli.inspect/1", **info})
+    else:
+        render(info)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _io_table(title: str, specs: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("name", "dtype", "shape"):
+        table.add_column(col)
+    for s in specs:
+        shape = "?" if s["shape"] is None else "[" + ", ".join(str(d) for d in s["shape"]) + "]"
+        table.add_row(s["name"], s["dtype"], shape)
+    return table
+
+
+def render(info: dict[str, Any]) -> None:
+    summary = Table(title=f"Model {info['path']}", title_justify="left", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    opsets = ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
+    params = info["parameters"]
+    by_dtype = ", ".join(
+        f"{k}: {v['count']:,} ({_mb(v['bytes'])})" for k, v in params["by_dtype"].items()
+    )
+    rows = [
+        ("IR version", str(info["ir_version"])),
+        ("opsets", opsets),
+        ("producer", info["producer"] or "-"),
+        ("file size", _mb(info["size_bytes"])),
+        ("nodes", str(info["nodes"])),
+        ("parameters", f"{params['count']:,} ({_mb(params['bytes'])}); {by_dtype}"),
+        ("already quantized", ", ".join(info["quantized"]) or "no"),
+    ]
+    for key, value in rows:
+        summary.add_row(key, value)
+    out.print(summary)
+    out.print(_io_table("Inputs", info["inputs"]))
+    out.print(_io_table("Outputs", info["outputs"]))
+    ops = Table(title="Op types", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in info["op_types"].items():
+        ops.add_row(op, str(count))
+    out.print(ops)
+    int8 = info["int8"]
+    plan = Table(title="INT8 plan (defaults)", title_justify="left")
+    plan.add_column("quantized op")
+    plan.add_column("nodes", justify="right")
+    for op, count in int8["by_op_type"].items():
+        plan.add_row(op, str(count))
+    out.print(plan)
+    for entry in int8["float"]:
+        out.print(f"  left float: {entry['name']} ({entry['op_type']}): {entry['reason']}")
+    int4 = info["int4"]
+    out.print(
+        f"INT4 (weight-only): {len(int4['nodes'])} MatMul/Gemm weights, "
+        f"{int4['parameters']:,} parameters"
+    )

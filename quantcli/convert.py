@@ -1,0 +1,165 @@
+"""`convert_file`: the library function behind `quantcli convert` (INT8 and INT4)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantcli.calibrate.config import CalibrationConfig
+from quantcli.calibrate.runner import Progress
+from quantcli.calibrate.table import load_table
+from quantcli.data import DataSource, ImageOptions, open_data
+from quantcli.errors import InputError
+from quantcli.graph.io import check_output_path, file_size, load_model, save_model
+from quantcli.graph.signature import input_specs
+from quantcli.quantize.config import Int8Config
+from quantcli.validate import output_validator
+
+
+@dataclass
+class ConvertSummary:
+    input: Path
+    output: Path
+    bits: int
+    format: str
+    quantized_by_type: dict[str, int]
+    float_nodes: list[tuple[str, str, str]]
+    size_before: int
+    size_after: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "quantcli.convert/1",
+            "input": str(self.input),
+            "output": str(self.output),
+            "bits": self.bits,
+            "format": self.format,
+            "quantized": self.quantized_by_type,
+            "quantized_total": sum(self.quantized_by_type.values()),
+            "float": [{"name": n, "op_type": o, "reason": r} for n, o, r in self.float_nodes],
+            "size_before": self.size_before,
+            "size_after": self.size_after,
+            "size_ratio": self.size_after / self.size_before if self.size_before else None,
+            "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
+            **self.details,
+        }
+
+
+def _validation_samples(data: DataSource | None, model: Any, count: int = 2) -> list:
+    source = data if data is not None else open_data(f"random:{count}", input_specs(model))
+    samples = []
+    for batch in source.batches(1):
+        samples.append(batch.feeds)
+        if len(samples) >= count:
+            break
+    return samples
+
+
+def convert_int8_file(
+    model_path: Path,
+    output: Path,
+    config: Int8Config,
+    *,
+    data_spec: str | None = None,
+    table_path: Path | None = None,
+    calibration: CalibrationConfig | None = None,
+    images: ImageOptions | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConvertSummary:
+    from quantcli.quantize.int8 import quantize_int8
+
+    start = time.perf_counter()
+    if config.format == "dynamic" and (data_spec or table_path):
+        raise InputError(
+            "--dynamic needs no calibration", hint="drop --data/--calibration, or drop --dynamic"
+        )
+    if data_spec and table_path:
+        raise InputError("pass --data or --calibration, not both")
+    check_output_path(output, inputs=[model_path], force=force)
+    loaded = load_model(model_path)
+    calibration = calibration or CalibrationConfig()
+    data = None
+    if data_spec:
+        data = open_data(data_spec, input_specs(loaded.model), images=images,
+                         limit=calibration.limit)
+    table = load_table(table_path) if table_path else None
+    warnings = []
+    if data is not None and data.synthetic:
+        warnings.append("random calibration data: ranges are not representative")
+    result = quantize_int8(
+        loaded, config, table=table, data=data, calibration=calibration, progress=progress
+    )
+    save_model(
+        result.model, output, inputs=[model_path], force=force,
+        validate=output_validator(_validation_samples(data, loaded.model)),
+    )
+    return ConvertSummary(
+        input=model_path,
+        output=output,
+        bits=8,
+        format=config.format,
+        quantized_by_type=result.quantized_by_type,
+        float_nodes=result.float_nodes,
+        size_before=loaded.size_bytes,
+        size_after=file_size(output),
+        seconds=time.perf_counter() - start,
+        warnings=warnings + result.warnings,
+    )
+
+
+def convert_int4_file(
+    model_path: Path,
+    output: Path,
+    config: Any,
+    *,
+    data_spec: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConvertSummary:
+    from quantcli.quantize.int4 import quantize_int4
+    from quantcli.quantize.int8 import check_not_quantized
+
+    start = time.perf_counter()
+    check_output_path(output, inputs=[model_path], force=force)
+    loaded = load_model(model_path)
+    check_not_quantized(loaded.model)
+    data = None
+    if data_spec:
+        data = open_data(data_spec, input_specs(loaded.model), limit=limit)
+    samples = _validation_samples(data, loaded.model)
+    result = quantize_int4(loaded.model, config, data, batch_size, progress)
+    save_model(result.model, output, inputs=[model_path], force=force,
+               validate=output_validator(samples))
+    params = sum(c.shape[0] * c.shape[1] for c in result.quantized)
+    counts: dict[str, int] = {}
+    for cand in result.quantized:
+        counts[cand.op_type] = counts.get(cand.op_type, 0) + 1
+    return ConvertSummary(
+        input=model_path,
+        output=output,
+        bits=4,
+        format=config.format,
+        quantized_by_type=counts,
+        float_nodes=result.float_nodes,
+        size_before=loaded.size_bytes,
+        size_after=file_size(output),
+        seconds=time.perf_counter() - start,
+        details={
+            "int4": {
+                "weights": len(result.quantized),
+                "parameters": params,
+                "block_size": config.block_size,
+                "symmetric": config.symmetric,
+                "algorithm": config.algorithm,
+            }
+        },
+    )

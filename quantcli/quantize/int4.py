@@ -1,0 +1,173 @@
+"""`convert --bits 4`: block-quantized INT4 weights for MatMul/Gemm, activations stay float.
+
+Two output forms: ONNX Runtime's `com.microsoft.MatMulNBits` (fast kernels), or the
+standard opset-21 `DequantizeLinear(int4, block_size) -> MatMul`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from quantcli.data import DataSource
+from quantcli.errors import InputError
+from quantcli.graph.build import Namer, add_initializer, const_array
+from quantcli.graph.passes import prepare_model
+from quantcli.graph.passes.opset import default_opset
+from quantcli.quantize.gptq import gptq_quantize, hessian_update
+from quantcli.quantize.int4_math import (
+    BlockQuantized,
+    pack_matmulnbits,
+    quantize_rtn,
+    to_dequantize_linear_int4,
+)
+from quantcli.quantize.int4_plan import Int4Candidate, int4_candidates
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("rtn", "gptq")
+FORMATS = ("matmulnbits", "qdq")
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    format: str = "matmulnbits"
+    accuracy_level: int = 0
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise InputError(
+                f"--block-size {self.block_size} is not supported",
+                hint=f"use one of {', '.join(map(str, BLOCK_SIZES))}",
+            )
+        if self.algorithm not in ALGORITHMS:
+            raise InputError(f"--algorithm '{self.algorithm}' is not supported",
+                             hint=f"use {' or '.join(ALGORITHMS)}")
+        if self.format not in FORMATS:
+            raise InputError(f"--format '{self.format}' is not an INT4 format",
+                             hint=f"use {' or '.join(FORMATS)}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise InputError("--accuracy-level must be 0..4")
+
+
+@dataclass
+class Int4Result:
+    model: ir.Model
+    quantized: list[Int4Candidate]
+    float_nodes: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+Progress = Callable[[int, int], None]
+
+
+def quantize_int4(
+    model: ir.Model,
+    config: Int4Config,
+    data: DataSource | None = None,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> Int4Result:
+    if config.algorithm == "gptq" and data is None:
+        raise InputError("--algorithm gptq needs calibration data", hint="pass --data SAMPLES")
+    min_opset = 21 if config.format == "qdq" and default_opset(model) < 21 else None
+    model = prepare_model(model, min_opset=min_opset)
+    candidates = int4_candidates(model, config.exclude)
+    if not candidates:
+        raise InputError(
+            "no MatMul/Gemm with a constant 2-D float weight to quantize to INT4",
+            hint="run quantcli inspect to see the model's ops",
+        )
+    hessians = _hessians(model, candidates, data, batch_size, progress) if data else {}
+    nodes = {n.name: n for n in model.graph}
+    namer = Namer(model.graph)
+    done, skipped = [], []
+    for cand in candidates:
+        node = nodes[cand.node]
+        if node.op_type == "Gemm" and not _plain_gemm(node):
+            skipped.append((cand.node, "Gemm", "Gemm with alpha/beta != 1 kept float"))
+            continue
+        w = const_array(node.inputs[1]).astype(np.float32)
+        w = w.T if cand.transposed else w
+        if config.algorithm == "gptq":
+            h = hessians[node.inputs[0].name]
+            bq = gptq_quantize(w, h, config.block_size, config.symmetric)
+        else:
+            bq = quantize_rtn(w, config.block_size, config.symmetric)
+        _rewrite(model.graph, node, bq, config, namer)
+        done.append(cand)
+    RemoveUnusedNodesPass()(model)
+    if config.format == "matmulnbits" and MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
+    return Int4Result(model, done, skipped)
+
+
+def _plain_gemm(node: ir.Node) -> bool:
+    return (node.attributes.get_float("alpha", 1.0) == 1.0
+            and node.attributes.get_float("beta", 1.0) == 1.0)
+
+
+def _hessians(
+    model: ir.Model, cands: list[Int4Candidate], data: DataSource, batch_size: int,
+    progress: Progress | None,
+) -> dict[str, np.ndarray]:
+    """x^T x of each quantized MatMul's input, streamed over the calibration data."""
+    from quantcli.calibrate.runner import run_exposed
+
+    nodes = {n.name: n for n in model.graph}
+    inputs = sorted({nodes[c.node].inputs[0].name for c in cands})
+    hessians: dict[str, np.ndarray] = {}
+
+    def update(values: dict[str, np.ndarray], indices: range) -> None:
+        for name, x in values.items():
+            hessians[name] = hessian_update(hessians.get(name), x)
+
+    run_exposed(model, inputs, data, update, batch_size, progress)
+    return hessians
+
+
+def _rewrite(
+    graph: ir.Graph, node: ir.Node, bq: BlockQuantized, config: Int4Config, namer: Namer
+) -> None:
+    base = node.name or "matmul"
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    x, out = node.inputs[0], node.outputs[0]
+    k, n = bq.k, bq.n
+    if config.format == "matmulnbits":
+        b, scales, zeros = pack_matmulnbits(bq)
+        inputs = [x, add_initializer(graph, namer(f"{base}.B_int4"), b),
+                  add_initializer(graph, namer(f"{base}.scales"), scales.astype(np.float32))]
+        inputs.append(add_initializer(graph, namer(f"{base}.zero_points"), zeros)
+                      if zeros is not None else None)
+        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                 ir.AttrInt64("block_size", config.block_size),
+                 ir.AttrInt64("accuracy_level", config.accuracy_level)]
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        new = [ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attrs, name=namer(f"{base}_MatMulNBits"))]
+    else:
+        q, scale, zero = to_dequantize_linear_int4(bq)
+        dq_inputs = [add_initializer(graph, namer(f"{base}.weight_int4"), q),
+                     add_initializer(graph, namer(f"{base}.weight_scale"), scale)]
+        if zero is not None:
+            dq_inputs.append(add_initializer(graph, namer(f"{base}.weight_zero_point"), zero))
+        dq = ir.Node("", "DequantizeLinear", dq_inputs,
+                     [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", config.block_size)],
+                     name=namer(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = namer(f"{base}.weight_dequantized")
+        mm = ir.Node("", "MatMul", [x, dq.outputs[0]], name=namer(f"{base}_MatMul"))
+        new = [dq, mm]
+    if bias is not None:  # Gemm's C, added in float after the product
+        new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=namer(f"{base}_bias")))
+    result = new[-1].outputs[0]
+    result.name, result.dtype, result.shape = out.name, out.dtype, out.shape
+    graph.insert_before(node, new)
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
