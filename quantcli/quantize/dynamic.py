@@ -1,0 +1,166 @@
+"""Dynamic INT8 quantization of MatMul/Gemm whose weight is a constant 2-D tensor.
+
+Weights become int8 offline (symmetric, per output column or per tensor); ORT quantizes the
+activation to uint8 at run time, so no calibration data is needed. Two forms: portable ONNX
+ops (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) or ORT's fused
+com.microsoft.DynamicQuantizeMatMul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from quantcli.graph.build import Namer, add_initializer
+from quantcli.quantize.math import quantize, weight_qparams
+
+MS_DOMAIN = "com.microsoft"
+_ONNX = ("", "ai.onnx")
+
+
+def quantize_weight_symmetric(
+    w: np.ndarray, axis: int | None, num_bits: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weight and float32 scale max|w| / 127 along axis (per channel) or per tensor."""
+    if num_bits != 8:
+        raise ValueError(f"dynamic quantization is INT8 only, got {num_bits} bits")
+    qp = weight_qparams(w, axis, dtype="int8", symmetric=True)
+    return quantize(w, qp), qp.scale
+
+
+@dataclass(frozen=True)
+class _Target:
+    node: ir.Node
+    weight: np.ndarray  # [K, N] float32, already transposed for Gemm transB=1
+    bias: ir.Value | None  # Gemm's C, added after the product
+
+
+def _array(value: ir.Value | None) -> np.ndarray | None:
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _target(node: ir.Node) -> _Target | None:
+    """The node as y = A @ W (+ C) with constant float32 W [K, N], or None."""
+    if node.domain not in _ONNX or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    w = _array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return None
+    if node.op_type == "MatMul":
+        return _Target(node, w, None)
+    attrs = node.attributes
+    plain = attrs.get_float("alpha", 1.0) == 1.0 and attrs.get_float("beta", 1.0) == 1.0
+    if not plain or attrs.get_int("transA", 0):
+        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return _Target(node, w.T if attrs.get_int("transB", 0) else w, bias)
+
+
+def _fusable_bias(target: _Target) -> bool:
+    """DynamicQuantizeMatMul's bias input takes a constant vector of length N only."""
+    c = _array(target.bias)
+    return c is not None and c.shape == (target.weight.shape[1],) and c.dtype == np.float32
+
+
+class _Rewriter:
+    """Replaces one target with its dynamic form; shares the weight tensors of reused W."""
+
+    def __init__(self, graph: ir.Graph, per_channel: bool, fused: bool) -> None:
+        self.graph, self.per_channel, self.fused = graph, per_channel, fused
+        self.namer = Namer(graph)
+        self.weights: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
+
+    def _weight(self, target: _Target) -> tuple[ir.Value, ir.Value, ir.Value]:
+        key = id(target.node.inputs[1])
+        if key not in self.weights:
+            base = target.node.inputs[1].name or "weight"
+            q, scale = quantize_weight_symmetric(target.weight, 1 if self.per_channel else None)
+            values = (q, scale, np.zeros(scale.shape, np.int8))
+            names = ("quantized", "scale", "zero_point")
+            self.weights[key] = tuple(  # type: ignore[assignment]
+                add_initializer(self.graph, self.namer(f"{base}_{n}"), v)
+                for n, v in zip(names, values, strict=True)
+            )
+        return self.weights[key]
+
+    def rewrite(self, target: _Target) -> None:
+        node, tape = target.node, ir.tape.Tape()
+        w_q, w_scale, w_zp = self._weight(target)
+        bias = target.bias
+        if self.fused:
+            fused_bias = bias if _fusable_bias(target) else None
+            inputs = [node.inputs[0], w_q, w_scale, w_zp, fused_bias]
+            y = tape.op("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN)
+            bias = None if fused_bias is not None else bias
+        else:
+            a_q, a_scale, a_zp = tape.op_multi_out(
+                "DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3
+            )
+            y_int = tape.op("MatMulInteger", [a_q, w_q, a_zp, w_zp])
+            y_float = tape.op("Cast", [y_int], {"to": ir.DataType.FLOAT})
+            y = tape.op("Mul", [y_float, tape.op("Mul", [a_scale, w_scale])])
+        if bias is not None:
+            y = tape.op("Add", [y, bias])
+        self.graph.insert_before(node, tape.nodes)
+        old = node.outputs[0]
+        y.name, old.name = old.name, None
+        y.shape, y.type = old.shape, old.type
+        ir.convenience.replace_all_uses_with(old, y, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
+
+
+class DynamicQuantizePass(ir.passes.InPlacePass):
+    """MatMul/Gemm with a constant 2-D float weight -> dynamic INT8 (uint8 A, int8 W).
+
+    `exclude(node)` returning True keeps that node in float; `nodes`, when given, limits the
+    rewrite to those node names. `fused` picks ORT's DynamicQuantizeMatMul (ORT only) over the
+    standard-ONNX MatMulInteger form, which ORT's optimizer fuses into the same kernel anyway.
+    """
+
+    def __init__(
+        self,
+        per_channel: bool = True,
+        op_types: Sequence[str] = ("MatMul", "Gemm"),
+        exclude: Callable[[ir.Node], bool] | None = None,
+        fused: bool = True,
+        nodes: frozenset[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.per_channel, self.op_types, self.fused = per_channel, tuple(op_types), fused
+        self.exclude = exclude or (lambda node: False)
+        self.nodes = nodes
+
+    def _chosen(self, node: ir.Node) -> bool:
+        named = self.nodes is None or node.name in self.nodes
+        return named and node.op_type in self.op_types and not self.exclude(node)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # MatMulInteger is opset 10, DynamicQuantizeLinear opset 11.
+        if not self.fused and model.opset_imports.get("", 1) < 11:
+            return ir.passes.PassResult(model, modified=False)
+        chosen = filter(self._chosen, model.graph)
+        targets = [t for t in map(_target, chosen) if t is not None]
+        rewriter = _Rewriter(model.graph, self.per_channel, self.fused)
+        float_weights = [t.node.inputs[1] for t in targets]
+        for target in targets:
+            rewriter.rewrite(target)
+        if targets and self.fused:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        _drop_unused(model.graph, float_weights)
+        return ir.passes.PassResult(model, modified=bool(targets))
+
+
+def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the float weights no node reads any more (initializers or Constant nodes)."""
+    for value in {id(v): v for v in values}.values():
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        producer = value.producer()
+        if producer is not None:
+            graph.remove(producer, safe=True)
+        elif value.name in graph.initializers:
+            del graph.initializers[value.name]
