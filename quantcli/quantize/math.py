@@ -117,3 +117,16 @@ def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
     scale = np.maximum(scale, _TINY)
     axis = 0 if scale.ndim == 1 else None
     return QParams(scale, np.zeros(scale.shape, np.int32), "int32", axis)
+
+
+def clamps_within(qp: QParams, lo: float | None, hi: float | None) -> bool:
+    """True when every dequantized value of `qp` lies in [lo, hi] (None: unbounded).
+
+    Then a Relu/Clip with those bounds before the QuantizeLinear changes nothing: the
+    quantizer saturates exactly where the activation would clamp.
+    """
+    qmin, qmax = INT_RANGES[qp.dtype]
+    scale, zero = float(qp.scale), int(qp.zero_point)
+    low, high = (qmin - zero) * scale, (qmax - zero) * scale
+    tol = 1e-6 * max(abs(low), abs(high), 1e-30)
+    return (lo is None or low >= lo - tol) and (hi is None or high <= hi + tol)

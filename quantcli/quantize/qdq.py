@@ -15,6 +15,7 @@ from quantcli.quantize.math import (
     QParams,
     activation_qparams,
     bias_qparams,
+    clamps_within,
     quantize,
     weight_qparams,
 )
@@ -35,6 +36,7 @@ class QDQPass(ir.passes.InPlacePass):
         act_params = self._activation_params()
         weight_params = self._quantize_weights(graph, nodes)
         self._quantize_biases(graph, nodes, act_params, weight_params)
+        self._drop_redundant_activations(graph, nodes, act_params)
         for tensor in self.plan.quantized_tensors():
             self._insert_qdq(graph, tensor, act_params[self.plan.root_of(tensor)])
         graph.sort()
@@ -116,6 +118,28 @@ class QDQPass(ir.passes.InPlacePass):
             dq = self._dq_node(graph, f"{node_plan.bias}_{node.name}", q, qp, value.dtype)
             node.replace_input_with(index, dq)
 
+    def _drop_redundant_activations(
+        self, graph: ir.Graph, nodes: dict[str, ir.Node], acts: dict[str, QParams]
+    ) -> None:
+        """Remove a fused Relu/Clip whose output quantizer already clamps the same way.
+
+        Exact (Q saturates where the activation clamps), and ONNX Runtime then fuses
+        DQ -> Conv -> Q into one integer kernel on every opset.
+        """
+        for node_plan in self.plan.nodes:
+            if not node_plan.fused or node_plan.output is None:
+                continue
+            act = nodes[node_plan.fused]
+            qp = acts.get(self.plan.root_of(node_plan.output))
+            if qp is None or not clamps_within(qp, *_activation_bounds(act)):
+                continue
+            pre, post = act.inputs[0], act.outputs[0]
+            if post.is_graph_output():
+                continue
+            post.replace_all_uses_with(pre)
+            graph.remove(act, safe=True)
+            pre.name = post.name
+
     def _insert_qdq(self, graph: ir.Graph, tensor: str, qp: QParams) -> None:
         value = self._values(graph)[tensor]
         uses = [(u.node, u.idx) for u in value.uses()]  # before the Q node becomes one
@@ -143,3 +167,12 @@ class QDQPass(ir.passes.InPlacePass):
             graph.insert_before(graph.node(0), [q, dq])
         else:
             graph.insert_after(producer, [q, dq])
+
+
+def _activation_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    if node.op_type == "Relu":
+        return 0.0, None
+    if len(node.inputs) > 1:  # Clip opset >= 11: bounds are (constant) inputs
+        lo, hi = (const_array(v) if v is not None else None for v in (*node.inputs, None)[1:3])
+        return (None if lo is None else float(lo), None if hi is None else float(hi))
+    return node.attributes.get_float("min", None), node.attributes.get_float("max", None)

@@ -1,7 +1,10 @@
-"""Fold layout transforms of constants (Transpose, Reshape, Cast, ...) into new constants.
+"""Fold nodes whose inputs are all constants into new constants.
 
-`MatMul(x, Transpose(W))` then has a constant weight the quantizer can see. A constant
-still used elsewhere (a tied embedding read by Gather) is kept for those uses.
+Layout transforms of weights (Transpose, Reshape, Cast, ...) are folded with numpy at any
+size: `MatMul(x, Transpose(W))` then has a constant weight the quantizer can see. Other
+standard ops (the shape arithmetic exporters emit for padding, say) are folded with ONNX's
+reference evaluator when their result is small. A constant still used elsewhere (a tied
+embedding read by Gather) is kept for those uses.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
 from quantcli.graph.build import Namer, add_initializer, const_array
 
@@ -60,22 +64,45 @@ FOLDERS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
 }
 
 
+# Largest result, in elements, folded by the reference evaluator (shape arithmetic, not data).
+SMALL_RESULT = 1 << 16
+NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+              "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _reference(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
+    """Evaluate one standard node on constant inputs with ONNX's reference evaluator."""
+    graphs = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+    if node.op_type in NEVER_FOLD or any(a.type in graphs for a in node.attributes.values()):
+        return None
+    try:
+        proto = ir.serde.serialize_node(node)
+        names = [v.name for v in node.inputs if v is not None]
+        feeds = dict(zip(names, args))
+        (result,) = ReferenceEvaluator(proto).run(None, feeds)
+    except Exception:  # an op the reference evaluator lacks: leave it to the runtime
+        return None
+    result = np.asarray(result)
+    return result if result.size <= SMALL_RESULT else None
+
+
 class FoldConstantTransformsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         namer = Namer(graph)
         modified = False
         for node in list(graph):  # topological order: chains fold front to back
-            fold = FOLDERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            if fold is None or len(node.outputs) != 1:
+            if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
                 continue
             args = [const_array(v) for v in node.inputs if v is not None]
-            if not args or any(a is None for a in args):
-                continue
             out = node.outputs[0]
-            if out.is_graph_output():
+            if not args or any(a is None for a in args) or out.is_graph_output():
                 continue
-            folded = add_initializer(graph, namer(out.name or "folded"), fold(node, args))
+            fold = FOLDERS.get(node.op_type)
+            result = fold(node, args) if fold else _reference(node, args)
+            if result is None:
+                continue
+            folded = add_initializer(graph, namer(out.name or "folded"), result)
             out.replace_all_uses_with(folded)
             graph.remove(node, safe=True)
             modified = True

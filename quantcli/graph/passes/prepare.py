@@ -15,13 +15,14 @@ from onnx_ir.passes.common import (
 
 from quantcli.graph.passes.fold_batchnorm import FoldBatchNormPass
 from quantcli.graph.passes.fold_constants import FoldConstantTransformsPass
+from quantcli.graph.passes.fold_pad import FoldPadIntoConvPass
 from quantcli.graph.passes.lift_constants import LiftConstantsPass
 from quantcli.graph.passes.opset import UpgradeOpsetPass
 from quantcli.graph.passes.shapes import InferShapesPass
 
 
 def prepare_model(model: ir.Model, *, min_opset: int | None = None) -> ir.Model:
-    """Constants to initializers, opset upgrade, BN folding, constant folding, fresh shapes."""
+    """Constants to initializers, opset upgrade, BN/Pad folding, constant folding, shapes."""
     passes: list[ir.passes.PassBase] = [
         LiftConstantsPass(),
         RemoveInitializersFromInputsPass(),
@@ -31,6 +32,7 @@ def prepare_model(model: ir.Model, *, min_opset: int | None = None) -> ir.Model:
     passes += [
         FoldBatchNormPass(),
         FoldConstantTransformsPass(),
+        FoldPadIntoConvPass(),
         RemoveUnusedNodesPass(),
         TopologicalSortPass(),
         InferShapesPass(),
