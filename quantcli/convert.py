@@ -87,8 +87,9 @@ def convert_int8_file(
     calibration = calibration or CalibrationConfig()
     data = None
     if data_spec:
-        data = open_data(data_spec, input_specs(loaded.model), images=images,
-                         limit=calibration.limit)
+        data = open_data(
+            data_spec, input_specs(loaded.model), images=images, limit=calibration.limit
+        )
     table = load_table(table_path) if table_path else None
     warnings = []
     if data is not None and data.synthetic:
@@ -97,7 +98,10 @@ def convert_int8_file(
         loaded, config, table=table, data=data, calibration=calibration, progress=progress
     )
     save_model(
-        result.model, output, inputs=[model_path], force=force,
+        result.model,
+        output,
+        inputs=[model_path],
+        force=force,
         validate=output_validator(_validation_samples(data, loaded.model)),
     )
     return ConvertSummary(
@@ -137,8 +141,9 @@ def convert_int4_file(
         data = open_data(data_spec, input_specs(loaded.model), limit=limit)
     samples = _validation_samples(data, loaded.model)
     result = quantize_int4(loaded.model, config, data, batch_size, progress)
-    save_model(result.model, output, inputs=[model_path], force=force,
-               validate=output_validator(samples))
+    save_model(
+        result.model, output, inputs=[model_path], force=force, validate=output_validator(samples)
+    )
     params = sum(c.shape[0] * c.shape[1] for c in result.quantized)
     counts: dict[str, int] = {}
     for cand in result.quantized:

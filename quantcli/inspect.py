@@ -15,16 +15,27 @@ from quantcli.quantize.prepare import prepare_for_int8
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 QOPERATOR_OPS = {
-    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",
-    "QLinearGlobalAveragePool", "QGemm", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearGlobalAveragePool",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLinear",
 }
 INT4_OPS = {"MatMulNBits"}
 
 
 def _spec_dict(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": str(spec.dtype), "shape": list(spec.shape or [])
-            if spec.shape is not None else None}
+    return {
+        "name": spec.name,
+        "dtype": str(spec.dtype),
+        "shape": list(spec.shape or []) if spec.shape is not None else None,
+    }
 
 
 def _all_nodes(model: ir.Model) -> list[ir.Node]:
@@ -34,7 +45,8 @@ def _all_nodes(model: ir.Model) -> list[ir.Node]:
 def _parameters(model: ir.Model) -> dict[str, dict[str, int]]:
     """Parameter count and bytes by dtype, from initializers and Constant nodes."""
     by_dtype: dict[str, dict[str, int]] = {}
-    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value]
+    graphs = (model.graph, *model.graph.subgraphs())  # If/Loop bodies hold weights too
+    tensors = [v.const_value for g in graphs for v in g.initializers.values() if v.const_value]
     for node in _all_nodes(model):
         if node.op_type == "Constant" and (attr := node.attributes.get("value")) is not None:
             tensors.append(attr.as_tensor())
@@ -60,8 +72,9 @@ def quantization_state(op_types: set[str]) -> list[str]:
 def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
     model = loaded.model
     nodes = _all_nodes(model)
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                  for n in nodes)
+    ops = Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in nodes
+    )
     params = _parameters(model)
     info: dict[str, Any] = {
         "path": str(loaded.path),
@@ -90,8 +103,10 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
     }
     int4 = int4_candidates(prepared)
     info["int4"] = {
-        "nodes": [{"name": c.node, "op_type": c.op_type, "weight": c.weight,
-                   "shape": list(c.shape)} for c in int4],
+        "nodes": [
+            {"name": c.node, "op_type": c.op_type, "weight": c.weight, "shape": list(c.shape)}
+            for c in int4
+        ],
         "parameters": sum(c.shape[0] * c.shape[1] for c in int4),
     }
     return info

@@ -28,9 +28,14 @@ def calibrate_file(
     loaded = load_model(model_path)
     check_not_quantized(loaded.model)
     data = open_data(
-        data_spec, input_specs(loaded.model), images=images, shard=config.shard,
+        data_spec,
+        input_specs(loaded.model),
+        images=images,
+        shard=config.shard,
         limit=config.limit,
     )
     prepared, plan = prepare_for_int8(loaded.model, int8 or Int8Config())
-    table = calibrate_model(prepared, loaded.path, plan.activations, data, config, progress)
+    table = calibrate_model(
+        prepared, loaded.path, plan.activations, data, config, progress, plan.channel_axes()
+    )
     return table, data

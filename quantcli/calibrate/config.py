@@ -8,7 +8,7 @@ from quantcli.errors import InputError
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 # Chosen by measurement on the real models (docs/calibration.md).
-DEFAULT_METHOD = "percentile"
+DEFAULT_METHOD = "mse"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from quantcli.calibrate.channel_mean import ChannelMean
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.observers import TensorStats
 from quantcli.calibrate.table import CalibrationTable, model_fingerprint
@@ -41,7 +42,7 @@ def run_exposed(
         done = 0
         for batch in data.batches(batch_size):
             outputs = session.run(tensors, batch.feeds)
-            on_batch(dict(zip(tensors, outputs)), batch.indices)
+            on_batch(dict(zip(tensors, outputs, strict=True)), batch.indices)
             done += len(batch.indices)
             if progress:
                 progress(done, data.num_samples)
@@ -54,17 +55,24 @@ def collect_stats(
     batch_size: int = 1,
     progress: Progress | None = None,
     provider: str = "cpu",
-) -> dict[str, TensorStats]:
-    """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`."""
+    channel_axes: dict[str, int] | None = None,
+) -> tuple[dict[str, TensorStats], dict[str, ChannelMean]]:
+    """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`,
+    and per-channel means of those named in `channel_axes`."""
     stats = {name: TensorStats() for name in tensors}
+    means = {name: ChannelMean(axis) for name, axis in (channel_axes or {}).items()}
 
     def update(values: dict[str, np.ndarray], indices: range) -> None:
         for name, array in values.items():
             _check_finite(name, array, indices)
-            stats[name].update(array)
+            if name in stats:
+                stats[name].update(array)
+            if name in means:
+                means[name].update(array)
 
-    run_exposed(model, tensors, data, update, batch_size, progress, provider)
-    return stats
+    exposed = tensors + [t for t in means if t not in stats]  # shared-scale inputs too
+    run_exposed(model, exposed, data, update, batch_size, progress, provider)
+    return stats, means
 
 
 class _exposed:
@@ -106,9 +114,12 @@ def calibrate_model(
     data: DataSource,
     config: CalibrationConfig,
     progress: Progress | None = None,
+    channel_axes: dict[str, int] | None = None,
 ) -> CalibrationTable:
     """A full calibration table for a prepared model's planned tensors."""
-    stats = collect_stats(model, tensors, data, config.batch_size, progress)
+    stats, means = collect_stats(
+        model, tensors, data, config.batch_size, progress, channel_axes=channel_axes
+    )
     table = CalibrationTable(
         fingerprint=model_fingerprint(model_path),
         model_name=model_path.name,
@@ -118,6 +129,7 @@ def calibrate_model(
         samples=data.num_samples,
         stats=stats,
         shard=config.shard,
+        means=means,
     )
     table.compute_ranges()
     return table

@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx
 
+from quantcli.calibrate.channel_mean import ChannelMean
 from quantcli.calibrate.methods import choose_range
 from quantcli.calibrate.observers import TensorStats
 from quantcli.errors import InputError
@@ -27,7 +28,7 @@ SCHEMA = "quantcli.calibration/1"
 def model_fingerprint(path: Path) -> str:
     """sha256 of the model file and its external data files, streamed."""
     digest = hashlib.sha256()
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     files = [path]
     locations = set()
     for tensor in proto.graph.initializer:
@@ -53,12 +54,11 @@ class CalibrationTable:
     stats: dict[str, TensorStats]
     shard: tuple[int, int] | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    means: dict[str, ChannelMean] = field(default_factory=dict)  # for bias correction
 
     def compute_ranges(self) -> None:
         self.ranges = {
-            name: choose_range(
-                s, self.method, symmetric=self.symmetric, percentile=self.percentile
-            )
+            name: choose_range(s, self.method, symmetric=self.symmetric, percentile=self.percentile)
             for name, s in self.stats.items()
         }
 
@@ -79,6 +79,7 @@ class CalibrationTable:
                 }
                 for name, s in sorted(self.stats.items())
             },
+            "channel_means": {name: m.to_dict() for name, m in sorted(self.means.items())},
         }
 
     @classmethod
@@ -99,6 +100,9 @@ class CalibrationTable:
                 shard=tuple(doc["shard"]) if doc.get("shard") else None,
                 stats={k: TensorStats.from_dict(v["stats"]) for k, v in doc["tensors"].items()},
                 ranges={k: tuple(v["range"]) for k, v in doc["tensors"].items()},
+                means={
+                    k: ChannelMean.from_dict(v) for k, v in doc.get("channel_means", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(
@@ -147,15 +151,23 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
                 "tables cover different tensors", hint="calibrate all shards with the same options"
             )
         if (other.method, other.percentile, other.symmetric) != (
-            first.method, first.percentile, first.symmetric
+            first.method,
+            first.percentile,
+            first.symmetric,
         ):
-            raise InputError("tables use different methods or parameters",
-                             hint="calibrate all shards with the same --method options")
+            raise InputError(
+                "tables use different methods or parameters",
+                hint="calibrate all shards with the same --method options",
+            )
     shards = [t.shard for t in tables]
     _check_shards(shards)
     stats = {name: first.stats[name] for name in first.stats}
+    means = dict(first.means)
     for other in tables[1:]:
         stats = {name: stats[name].merge(other.stats[name]) for name in stats}
+        means = {
+            name: m.merge(other.means[name]) for name, m in means.items() if name in other.means
+        }
     merged = CalibrationTable(
         fingerprint=first.fingerprint,
         model_name=first.model_name,
@@ -165,6 +177,7 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
         samples=sum(t.samples for t in tables),
         stats=stats,
         shard=None,
+        means=means,
     )
     merged.compute_ranges()
     return merged

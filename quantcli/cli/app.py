@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from quantcli import __version__
 from quantcli.cli import calibrate_cmd, compare_cmd, convert_cmd, inspect_cmd
-from quantcli.cli.common import State
+from quantcli.cli.common import EXIT_INPUT, State
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (missing option, bad value, unknown command) as one `error:` line and
+    exit 2, like every other bad input, instead of click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(EXIT_INPUT)
+        except Exception as exc:
+            if not hasattr(exc, "format_message") or type(exc).__name__ == "NoArgsIsHelpError":
+                if hasattr(exc, "show"):  # `quantcli` alone prints the help
+                    exc.show()
+                    sys.exit(getattr(exc, "exit_code", EXIT_INPUT))
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"error: {message}{hint}", err=True)
+            sys.exit(getattr(exc, "exit_code", EXIT_INPUT))
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="quantcli",
     help="Post-training quantization of ONNX models: calibrate, convert to INT8/INT4, compare.",
     no_args_is_help=True,

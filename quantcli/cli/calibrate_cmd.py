@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from quantcli.calibrate.config import DEFAULT_METHOD
 from quantcli.cli.common import (
     BatchOpt,
     DataOpt,
@@ -46,10 +48,10 @@ ShardOpt = Annotated[
 ]
 
 
-def _check_output(path: Path, force: bool) -> None:
+def _check_output(path: Path, force: bool, inputs: list[Path]) -> None:
     from quantcli.graph.io import check_output_path
 
-    check_output_path(path, inputs=[], force=force)
+    check_output_path(path, inputs=inputs, force=force)  # never a table over its inputs
 
 
 @handle_errors
@@ -57,7 +59,7 @@ def calibrate(
     model: ModelArg,
     data: DataOpt,
     output: OutputOpt,
-    method: MethodOpt = "percentile",
+    method: MethodOpt = DEFAULT_METHOD,
     percentile: PercentileOpt = 99.99,
     symmetric: SymmetricOpt = False,
     batch_size: BatchOpt = 1,
@@ -85,7 +87,7 @@ def calibrate(
         shard=parse_shard(shard) if shard else None,
     )
     int8 = Int8Config(**op_selection(op_types, include, exclude))
-    _check_output(output, force)
+    _check_output(output, force, [model, Path(data)])
     table, source = calibrate_file(
         model, data, config, int8, images=parse_preprocess(preprocess), progress=_Bar()
     )
@@ -123,14 +125,16 @@ def table_summary(table: Any, path: Path) -> dict[str, Any]:
     for name, stats in table.stats.items():
         lo, hi = table.ranges[name]
         width = max(abs(stats.min), abs(stats.max))
-        tensors.append({
-            "name": name,
-            "min": stats.min,
-            "max": stats.max,
-            "range": [lo, hi],
-            "clipped": width > 0 and max(-lo, hi) < 0.5 * width,  # outliers cut by the method
-            "constant": is_degenerate(stats),
-        })
+        tensors.append(
+            {
+                "name": name,
+                "min": stats.min,
+                "max": stats.max,
+                "range": [lo, hi],
+                "clipped": width > 0 and max(-lo, hi) < 0.5 * width,  # outliers cut by the method
+                "constant": is_degenerate(stats),
+            }
+        )
     tensors.sort(key=lambda t: -(t["range"][1] - t["range"][0]))
     return {
         "schema": "quantcli.calibrate-summary/1",
@@ -144,18 +148,22 @@ def table_summary(table: Any, path: Path) -> dict[str, Any]:
 
 def render(summary: dict[str, Any], top: int = 10) -> None:
     tensors = summary["tensors"]
-    out.print(
+    text = (
         f"Calibrated {len(tensors)} tensors on {summary['samples']} samples "
         f"with {summary['method']} -> {summary['table']}"
     )
+    out.print(escape(text))
     table = Table(title=f"Widest ranges (top {min(top, len(tensors))})", title_justify="left")
     for col in ("tensor", "observed min", "observed max", "chosen range", "note"):
         table.add_column(col)
     for t in tensors[:top]:
         note = "outliers clipped" if t["clipped"] else ("constant" if t["constant"] else "")
         table.add_row(
-            t["name"], f"{t['min']:.4g}", f"{t['max']:.4g}",
-            f"[{t['range'][0]:.4g}, {t['range'][1]:.4g}]", note,
+            escape(t["name"]),
+            f"{t['min']:.4g}",
+            f"{t['max']:.4g}",
+            f"[{t['range'][0]:.4g}, {t['range'][1]:.4g}]",
+            note,
         )
     out.print(table)
     clipped = sum(t["clipped"] for t in tensors)
@@ -176,7 +184,7 @@ def merge(
     """Merge shard tables into exactly the table one run over all their samples gives."""
     from quantcli.calibrate.table import load_table, merge_tables, save_table
 
-    _check_output(output, force)
+    _check_output(output, force, tables)
     merged = merge_tables([load_table(p) for p in tables])
     save_table(merged, output)
     summary = table_summary(merged, output)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from quantcli.errors import QuantcliError
 
@@ -68,7 +69,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 def handle_errors(command: F) -> F:
@@ -83,7 +84,8 @@ def handle_errors(command: F) -> F:
         except QuantcliError as exc:
             if State.debug:
                 traceback.print_exc()
-            err.print(f"[red]error:[/red] {exc.one_line()}", highlight=False, markup=True)
+            # Messages name shapes like [batch, 3]: escaped, or rich would eat them as markup.
+            err.print(f"[red]error:[/red] {escape(exc.one_line())}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")

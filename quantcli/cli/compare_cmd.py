@@ -2,11 +2,227 @@
 
 from __future__ import annotations
 
-from quantcli.cli.common import ModelArg, handle_errors
-from quantcli.errors import InputError
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from quantcli.cli.calibrate_cmd import _Bar
+from quantcli.cli.common import (
+    BatchOpt,
+    DataOpt,
+    JsonOpt,
+    LimitOpt,
+    PreprocessOpt,
+    handle_errors,
+    out,
+    parse_preprocess,
+    print_json,
+    warn,
+)
+
+FloatArg = Annotated[Path, typer.Argument(help="The float original (.onnx).")]
+QuantArg = Annotated[Path, typer.Argument(help="The quantized model (.onnx).")]
 
 
 @handle_errors
-def compare(float_model: ModelArg, quant_model: ModelArg) -> None:
-    """Compare a quantized model with its float original (not implemented yet)."""
-    raise InputError("compare is not implemented yet")
+def compare(
+    float_model: FloatArg,
+    quant_model: QuantArg,
+    data: DataOpt,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="An .npy of class ids (or a 'labels' key in the .npz)."),
+    ] = None,
+    provider: Annotated[
+        str, typer.Option("--provider", help="Execution provider: cpu, cuda or tensorrt.")
+    ] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Intra-op threads for both models.")
+    ] = None,
+    runs: Annotated[
+        int, typer.Option("--runs", min=0, help="Timed runs per model (0: skip latency).")
+    ] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="SQNR of every quantized tensor, worst first.")
+    ] = False,
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", help="Your metric: module:function or path/file.py:function."),
+    ] = None,
+    max_drop: Annotated[
+        float | None, typer.Option("--max-drop", help="Gate: max accuracy drop, points.")
+    ] = None,
+    min_cosine: Annotated[
+        float | None, typer.Option("--min-cosine", help="Gate: min mean cosine per output.")
+    ] = None,
+    min_speedup: Annotated[
+        float | None, typer.Option("--min-speedup", help="Gate: min float/quant latency ratio.")
+    ] = None,
+    max_size_ratio: Annotated[
+        float | None, typer.Option("--max-size-ratio", help="Gate: max quant/float file size.")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write a report: .json, .md or .html.")
+    ] = None,
+    batch_size: BatchOpt = 1,
+    limit: LimitOpt = None,
+    preprocess: PreprocessOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Compare QUANT with FLOAT on --data: accuracy, latency, size; exit 1 if a gate fails."""
+    from quantcli.data import open_data
+    from quantcli.errors import GateFailed
+    from quantcli.evaluate import CompareConfig, GateSpec, compare
+    from quantcli.graph.io import load_model
+    from quantcli.graph.signature import input_specs
+
+    gates = GateSpec(max_drop, min_cosine, min_speedup, max_size_ratio)
+    config = CompareConfig(
+        provider=provider,
+        threads=threads,
+        batch_size=batch_size,
+        runs=runs,
+        warmup=warmup,
+        per_layer=per_layer,
+        metric=metric,
+        gates=gates,
+    )
+    specs = input_specs(load_model(float_model, check=False).model)
+    source = open_data(data, specs, images=parse_preprocess(preprocess), limit=limit)
+    if labels is not None:
+        source = _WithLabels(source, _read_labels(labels))
+    if source.synthetic:
+        warn("random data: accuracy figures are meaningless; use it for latency only")
+    result = compare(float_model, quant_model, source, config, progress=_Bar())
+    doc = result.to_dict()
+    if report is not None:
+        from quantcli.report import write_report
+
+        write_report(doc, report)
+    if json_:
+        print_json(doc)
+    else:
+        render(doc)
+    if not result.passed:
+        failed = ", ".join(
+            f"{g['name']} ({g['value']:.4g} vs {g['threshold']:.4g})"
+            for g in doc["gates"]
+            if not g["passed"]
+        )
+        raise GateFailed(f"quality gate failed: {failed}")
+
+
+class _WithLabels:
+    """A data source whose labels come from a separate file."""
+
+    def __init__(self, source: Any, labels: Any) -> None:
+        self._source, self.labels = source, labels
+        self.description, self.num_samples = source.description, source.num_samples
+        self.synthetic = source.synthetic
+
+    def batches(self, batch_size: int) -> Any:
+        return self._source.batches(batch_size)
+
+
+def _read_labels(path: Path) -> Any:
+    import numpy as np
+
+    from quantcli.errors import DataError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read labels from {path}: {exc}", hint="pass an .npy") from exc
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _accuracy_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per metric: float, quantized, delta (coloured by how much was lost)."""
+    rows = []
+    for o in doc["outputs"]:
+        name = o["name"]
+        sqnr = "inf" if o["identical"] else _fmt(o["sqnr_db"], 3)
+        rows.append([f"{name}: cosine (mean)", "1", _fmt(o["cosine_mean"], 6), ""])
+        rows.append([f"{name}: SQNR dB", "", sqnr, ""])
+        rows.append([f"{name}: max abs error", "", _fmt(o["max_abs_error"]), ""])
+        cls = o.get("classifier")
+        if cls:
+            rows.append([f"{name}: top-1 agreement", "", _fmt(cls["top1_agreement"]), ""])
+            rows.append([f"{name}: float top-1 in top-5", "", _fmt(cls["top1_in_top5"]), ""])
+            rows.append([f"{name}: KL divergence", "", _fmt(cls["kl_divergence_mean"]), ""])
+            if cls.get("accuracy_float") is not None:
+                drop = cls["accuracy_drop_points"]
+                colour = "green" if drop <= 0.5 else ("yellow" if drop <= 2 else "red")
+                rows.append(
+                    [
+                        f"{name}: accuracy %",
+                        _fmt(100 * cls["accuracy_float"]),
+                        _fmt(100 * cls["accuracy_quant"]),
+                        f"[{colour}]{-drop:+.2f} pt[/{colour}]",
+                    ]
+                )
+    return rows
+
+
+def render(doc: dict[str, Any]) -> None:
+    from quantcli.report.markdown import gate_rows, layer_rows
+
+    _table("Accuracy", ["metric", "float", "quantized", "delta"], _accuracy_rows(doc))
+    size, lat = doc["models"], doc.get("latency")
+    rows = [
+        [
+            "file size MB",
+            _fmt(size["float"]["size_bytes"] / 1e6),
+            _fmt(size["quant"]["size_bytes"] / 1e6),
+            f"{size['size_ratio']:.2f}x",
+        ]
+    ]
+    if lat:
+        speed = lat["speedup"]
+        colour = "green" if speed >= 1 else "red"
+        rows.append(
+            [
+                "latency median ms",
+                _fmt(lat["float"]["median_ms"]),
+                _fmt(lat["quant"]["median_ms"]),
+                f"[{colour}]{speed:.2f}x faster[/{colour}]",
+            ]
+        )
+        rows.append(
+            ["latency p90 ms", _fmt(lat["float"]["p90_ms"]), _fmt(lat["quant"]["p90_ms"]), ""]
+        )
+    _table("Size and speed", ["measure", "float", "quantized", "ratio"], rows)
+    if lat:
+        out.print(
+            f"speedup interquartile {lat['speedup_q1']:.2f}-{lat['speedup_q3']:.2f} over "
+            f"{lat['float']['runs']} interleaved runs each"
+        )
+    if doc.get("layers"):
+        _table(
+            "Per-layer SQNR (worst first)",
+            ["#", "tensor", "op", "SQNR dB", "cosine"],
+            layer_rows(doc["layers"]),
+        )
+    if doc["gates"]:
+        colored = [
+            [*r[:3], "[green]pass[/green]" if r[3] == "pass" else "[red]FAIL[/red]"]
+            for r in gate_rows(doc)
+        ]
+        _table("Gates", ["gate", "threshold", "value", "verdict"], colored)
+
+
+def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in head:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)

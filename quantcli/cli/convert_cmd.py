@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from quantcli.calibrate.config import DEFAULT_METHOD
 from quantcli.cli.calibrate_cmd import MethodOpt, PercentileOpt, _Bar
 from quantcli.cli.common import (
     BatchOpt,
@@ -46,8 +48,11 @@ def convert(
     ] = False,
     format_: Annotated[
         str | None,
-        typer.Option("--format", help="INT8: qdq (default) or qoperator. INT4: "
-                     "matmulnbits (default) or qdq (standard DequantizeLinear int4)."),
+        typer.Option(
+            "--format",
+            help="INT8: qdq (default) or qoperator. INT4: "
+            "matmulnbits (default) or qdq (standard DequantizeLinear int4).",
+        ),
     ] = None,
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="INT8 weight granularity.")
@@ -68,14 +73,20 @@ def convert(
         str, typer.Option("--target", help="cpu (default) or tensorrt (symmetric int8 QDQ).")
     ] = "cpu",
     depthwise: Annotated[
-        bool | None,
-        typer.Option("--depthwise/--no-depthwise",
-                     help="Quantize depthwise convs (default: not on cpu, where int8 is slower)."),
-    ] = None,
+        bool,
+        typer.Option("--depthwise/--no-depthwise", help="Quantize depthwise convs."),
+    ] = True,
+    bias_correction: Annotated[
+        bool,
+        typer.Option(
+            "--bias-correction/--no-bias-correction",
+            help="Correct the mean shift weight rounding causes (needs calibration).",
+        ),
+    ] = True,
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    method: MethodOpt = "percentile",
+    method: MethodOpt = DEFAULT_METHOD,
     percentile: PercentileOpt = 99.99,
     batch_size: BatchOpt = 1,
     limit: LimitOpt = None,
@@ -132,6 +143,7 @@ def _int8(**o: Any) -> Any:
         weight_type=o["weight_type"],
         reduce_range=o["reduce_range"],
         quantize_depthwise=o["depthwise"],
+        bias_correction=o["bias_correction"],
     )
     if o["target"] == "tensorrt":
         config = Int8Config.for_target("tensorrt", **fields)
@@ -143,12 +155,21 @@ def _int8(**o: Any) -> Any:
             **fields,
         )
     calibration = CalibrationConfig(
-        method=o["method"], percentile=o["percentile"], batch_size=o["batch_size"],
-        limit=o["limit"], symmetric=config.symmetric_activations,
+        method=o["method"],
+        percentile=o["percentile"],
+        batch_size=o["batch_size"],
+        limit=o["limit"],
+        symmetric=config.symmetric_activations,
     )
     return convert_int8_file(
-        o["model"], o["output"], config, data_spec=o["data"], table_path=o["calibration"],
-        calibration=calibration, images=parse_preprocess(o["preprocess"]), force=o["force"],
+        o["model"],
+        o["output"],
+        config,
+        data_spec=o["data"],
+        table_path=o["calibration"],
+        calibration=calibration,
+        images=parse_preprocess(o["preprocess"]),
+        force=o["force"],
         progress=_Bar(),
     )
 
@@ -168,18 +189,25 @@ def _int4(**o: Any) -> Any:
         exclude=tuple(o["exclude"] or ()),
     )
     return convert_int4_file(
-        o["model"], o["output"], config, data_spec=o["data"], limit=o["limit"],
-        batch_size=o["batch_size"], force=o["force"], progress=_Bar(),
+        o["model"],
+        o["output"],
+        config,
+        data_spec=o["data"],
+        limit=o["limit"],
+        batch_size=o["batch_size"],
+        force=o["force"],
+        progress=_Bar(),
     )
 
 
 def render(doc: dict[str, Any]) -> None:
     ratio = doc["size_ratio"]
-    out.print(
+    text = (
         f"Wrote {doc['output']} ({doc['bits']}-bit, {doc['format']}): "
         f"{doc['size_before'] / 1e6:.2f} MB -> {doc['size_after'] / 1e6:.2f} MB "
         f"({ratio:.2f}x) in {doc['seconds']:.1f} s"
     )
+    out.print(escape(text))
     table = Table(title="Quantized nodes", title_justify="left")
     table.add_column("op type")
     table.add_column("nodes", justify="right")
@@ -195,5 +223,5 @@ def render(doc: dict[str, Any]) -> None:
         left.add_column("why")
         left.add_column("nodes", justify="right")
         for key, count in reasons.items():
-            left.add_row(key, str(count))
+            left.add_row(escape(key), str(count))
         out.print(left)

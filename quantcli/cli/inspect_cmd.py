@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from quantcli.cli.common import JsonOpt, ModelArg, handle_errors, out, print_json
@@ -11,7 +12,7 @@ from quantcli.cli.common import JsonOpt, ModelArg, handle_errors, out, print_jso
 
 @handle_errors
 def inspect(model: ModelArg, json_: JsonOpt = False) -> None:
-    """Show IR version, opsets, inputs/outputs, op types, parameters, and what would be quantized."""
+    """Show IR version, opsets, inputs/outputs, op types, parameters and what gets quantized."""
     from quantcli.graph.io import load_model
     from quantcli.inspect import inspect_model
 
@@ -32,12 +33,13 @@ def _io_table(title: str, specs: list[dict[str, Any]]) -> Table:
         table.add_column(col)
     for s in specs:
         shape = "?" if s["shape"] is None else "[" + ", ".join(str(d) for d in s["shape"]) + "]"
-        table.add_row(s["name"], s["dtype"], shape)
+        table.add_row(escape(s["name"]), s["dtype"], escape(shape))  # "[batch, 3]" is no markup
     return table
 
 
 def render(info: dict[str, Any]) -> None:
-    summary = Table(title=f"Model {info['path']}", title_justify="left", show_header=False)
+    title = f"Model {escape(info['path'])}"
+    summary = Table(title=title, title_justify="left", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
     opsets = ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
@@ -63,7 +65,7 @@ def render(info: dict[str, Any]) -> None:
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, count in info["op_types"].items():
-        ops.add_row(op, str(count))
+        ops.add_row(escape(op), str(count))
     out.print(ops)
     int8 = info["int8"]
     plan = Table(title="INT8 plan (defaults)", title_justify="left")
@@ -73,7 +75,8 @@ def render(info: dict[str, Any]) -> None:
         plan.add_row(op, str(count))
     out.print(plan)
     for entry in int8["float"]:
-        out.print(f"  left float: {entry['name']} ({entry['op_type']}): {entry['reason']}")
+        line = f"  left float: {entry['name']} ({entry['op_type']}): {entry['reason']}"
+        out.print(escape(line))
     int4 = info["int4"]
     out.print(
         f"INT4 (weight-only): {len(int4['nodes'])} MatMul/Gemm weights, "

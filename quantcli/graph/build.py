@@ -34,6 +34,8 @@ class Namer:
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+    value = ir.Value(
+        name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype)
+    )
     graph.register_initializer(value)
     return value

@@ -21,6 +21,9 @@ from quantcli.errors import ModelError, OutputError
 
 # Domains whose ops ONNX Runtime implements; anything else must come with its own kernels.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+# Model files are always binary protobuf, whatever their suffix (onnx would read out.json
+# as JSON and write model.txt as text).
+PROTOBUF = "protobuf"
 # Above this many bytes of weights, outputs are written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 
@@ -37,21 +40,19 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     path = Path(path)
     _check_path(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), format=PROTOBUF, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelError(
             f"{path} is not a readable ONNX model (truncated or another format: {_short(exc)})",
             hint="pass an .onnx file exported by a framework",
         ) from exc
     if not proto.HasField("graph") or proto.ir_version <= 0:
-        raise ModelError(
-            f"{path} is not an ONNX model (no graph found)", hint="pass an .onnx file"
-        )
+        raise ModelError(f"{path} is not an ONNX model (no graph found)", hint="pass an .onnx file")
     data_files = _external_files(proto, path.parent)
     if check:
         _check_domains(proto)
         _run_checker(path)
-    model = ir.load(path)
+    model = ir.load(path, format=PROTOBUF)
     size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     return LoadedModel(model=model, path=path, size_bytes=size)
 
@@ -101,9 +102,19 @@ def _external_files(proto: onnx.ModelProto, base: Path) -> list[Path]:
     return list(files.values())
 
 
+def _iter_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _iter_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_nodes(sub)
+
+
 def _check_domains(proto: onnx.ModelProto) -> None:
     local = {f.domain for f in proto.functions}
-    for node in proto.graph.node:
+    for node in _iter_nodes(proto.graph):  # If/Loop bodies too
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:
             raise ModelError(
                 f"node '{node.name}' uses op '{node.op_type}' from the custom domain "
@@ -134,15 +145,13 @@ def check_output_path(output: Path, *, inputs: list[Path], force: bool) -> None:
     for source in inputs:
         if source.exists() and output.exists() and output.samefile(source):
             raise OutputError(
-                f"output {output} is the input model; quantcli never overwrites its input",
+                f"output {output} is the input {source}; quantcli never overwrites its inputs",
                 hint="choose another path with -o",
             )
     if output.exists() and not force:
         raise OutputError(f"output {output} already exists", hint="pass --force to replace it")
     if not output.parent.is_dir():
-        raise OutputError(
-            f"output folder {output.parent} does not exist", hint="create it first"
-        )
+        raise OutputError(f"output folder {output.parent} does not exist", hint="create it first")
 
 
 Validator = Callable[[Path], None]
@@ -163,11 +172,13 @@ def save_model(
     output = Path(output)
     check_output_path(output, inputs=inputs or [], force=force)
     external = weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external:
+        _internalize(model)
     data_name = output.name + ".data" if external else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         staged = tmp / output.name
-        ir.save(model, staged, external_data=data_name)
+        ir.save(model, staged, format=PROTOBUF, external_data=data_name)
         if validate is not None:
             validate(staged)
         if data_name:
@@ -180,7 +191,17 @@ def save_model(
     return output
 
 
+def _internalize(model: ir.Model) -> None:
+    """Read tensors still stored in the input's data files into memory: once saved, their
+    relative locations would point beside the output, where no such file is."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                tensor = value.const_value
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
 def file_size(path: Path) -> int:
     """Bytes of a model file plus its external data files."""
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), format=PROTOBUF, load_external_data=False)
     return path.stat().st_size + sum(f.stat().st_size for f in _external_files(proto, path.parent))

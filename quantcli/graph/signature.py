@@ -29,7 +29,7 @@ class TensorSpec:
             return True
         if len(shape) != len(self.shape):
             return False
-        return all(not isinstance(d, int) or d == s for d, s in zip(self.shape, shape))
+        return all(not isinstance(d, int) or d == s for d, s in zip(self.shape, shape, strict=True))
 
 
 def _dim(d: object) -> Dim:

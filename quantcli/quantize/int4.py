@@ -49,11 +49,15 @@ class Int4Config:
                 hint=f"use one of {', '.join(map(str, BLOCK_SIZES))}",
             )
         if self.algorithm not in ALGORITHMS:
-            raise InputError(f"--algorithm '{self.algorithm}' is not supported",
-                             hint=f"use {' or '.join(ALGORITHMS)}")
+            raise InputError(
+                f"--algorithm '{self.algorithm}' is not supported",
+                hint=f"use {' or '.join(ALGORITHMS)}",
+            )
         if self.format not in FORMATS:
-            raise InputError(f"--format '{self.format}' is not an INT4 format",
-                             hint=f"use {' or '.join(FORMATS)}")
+            raise InputError(
+                f"--format '{self.format}' is not an INT4 format",
+                hint=f"use {' or '.join(FORMATS)}",
+            )
         if not 0 <= self.accuracy_level <= 4:
             raise InputError("--accuracy-level must be 0..4")
 
@@ -110,12 +114,17 @@ def quantize_int4(
 
 
 def _plain_gemm(node: ir.Node) -> bool:
-    return (node.attributes.get_float("alpha", 1.0) == 1.0
-            and node.attributes.get_float("beta", 1.0) == 1.0)
+    return (
+        node.attributes.get_float("alpha", 1.0) == 1.0
+        and node.attributes.get_float("beta", 1.0) == 1.0
+    )
 
 
 def _hessians(
-    model: ir.Model, cands: list[Int4Candidate], data: DataSource, batch_size: int,
+    model: ir.Model,
+    cands: list[Int4Candidate],
+    data: DataSource,
+    batch_size: int,
     progress: Progress | None,
 ) -> dict[str, np.ndarray]:
     """x^T x of each quantized MatMul's input, streamed over the calibration data."""
@@ -142,25 +151,41 @@ def _rewrite(
     k, n = bq.k, bq.n
     if config.format == "matmulnbits":
         b, scales, zeros = pack_matmulnbits(bq)
-        inputs = [x, add_initializer(graph, namer(f"{base}.B_int4"), b),
-                  add_initializer(graph, namer(f"{base}.scales"), scales.astype(np.float32))]
-        inputs.append(add_initializer(graph, namer(f"{base}.zero_points"), zeros)
-                      if zeros is not None else None)
-        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                 ir.AttrInt64("block_size", config.block_size),
-                 ir.AttrInt64("accuracy_level", config.accuracy_level)]
+        inputs = [
+            x,
+            add_initializer(graph, namer(f"{base}.B_int4"), b),
+            add_initializer(graph, namer(f"{base}.scales"), scales.astype(np.float32)),
+        ]
+        inputs.append(
+            add_initializer(graph, namer(f"{base}.zero_points"), zeros)
+            if zeros is not None
+            else None
+        )
+        attrs = [
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", 4),
+            ir.AttrInt64("block_size", config.block_size),
+            ir.AttrInt64("accuracy_level", config.accuracy_level),
+        ]
         while inputs and inputs[-1] is None:
             inputs.pop()
         new = [ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attrs, name=namer(f"{base}_MatMulNBits"))]
     else:
         q, scale, zero = to_dequantize_linear_int4(bq)
-        dq_inputs = [add_initializer(graph, namer(f"{base}.weight_int4"), q),
-                     add_initializer(graph, namer(f"{base}.weight_scale"), scale)]
+        dq_inputs = [
+            add_initializer(graph, namer(f"{base}.weight_int4"), q),
+            add_initializer(graph, namer(f"{base}.weight_scale"), scale),
+        ]
         if zero is not None:
             dq_inputs.append(add_initializer(graph, namer(f"{base}.weight_zero_point"), zero))
-        dq = ir.Node("", "DequantizeLinear", dq_inputs,
-                     [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", config.block_size)],
-                     name=namer(f"{base}_DequantizeLinear"))
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            dq_inputs,
+            [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", config.block_size)],
+            name=namer(f"{base}_DequantizeLinear"),
+        )
         dq.outputs[0].name = namer(f"{base}.weight_dequantized")
         mm = ir.Node("", "MatMul", [x, dq.outputs[0]], name=namer(f"{base}_MatMul"))
         new = [dq, mm]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -33,8 +32,16 @@ class Int8Result:
 
 
 def check_not_quantized(model: ir.Model) -> None:
-    kinds = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-             "MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeLinear"}
+    kinds = {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "DynamicQuantizeLinear",
+    }
     found = sorted({n.op_type for n in model.graph if n.op_type in kinds})
     if found:
         raise InputError(
@@ -63,8 +70,9 @@ def quantize_int8(
             "nothing to quantize: no node matches the selected op types",
             hint="run quantcli inspect to see the op types, then set --op-types/--include",
         )
-    ranges = _ranges(loaded, model, plan, table, data, calibration, progress)
-    QDQPass(plan, ranges, config)(model)
+    table = _table(loaded, model, plan, table, data, calibration, progress)
+    means = {name: m.mean for name, m in table.means.items()}
+    QDQPass(plan, dict(table.ranges), config, means)(model)
     if config.format == "qoperator":
         from quantcli.quantize.qoperator import QOperatorPass
 
@@ -73,7 +81,7 @@ def quantize_int8(
     return _result(model, plan)
 
 
-def _ranges(
+def _table(
     loaded: LoadedModel,
     model: ir.Model,
     plan: Plan,
@@ -81,7 +89,7 @@ def _ranges(
     data: DataSource | None,
     calibration: CalibrationConfig | None,
     progress: Progress | None,
-) -> dict[str, tuple[float, float]]:
+) -> CalibrationTable:
     if table is None:
         if data is None:
             raise InputError(
@@ -91,7 +99,9 @@ def _ranges(
         from quantcli.calibrate.runner import calibrate_model
 
         config = calibration or CalibrationConfig()
-        table = calibrate_model(model, loaded.path, plan.activations, data, config, progress)
+        table = calibrate_model(
+            model, loaded.path, plan.activations, data, config, progress, plan.channel_axes()
+        )
     elif table.fingerprint != model_fingerprint(loaded.path):
         raise InputError(
             f"the calibration table was made for another model ({table.model_name})",
@@ -103,7 +113,7 @@ def _ranges(
             f"the calibration table has no range for {len(missing)} tensors (e.g. '{missing[0]}')",
             hint="calibrate with the same --op-types/--include/--exclude as convert",
         )
-    return dict(table.ranges)
+    return table
 
 
 def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
@@ -123,4 +133,3 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
 def _result(model: ir.Model, plan: Plan) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
     return Int8Result(model, plan, dict(sorted(counts.items())), list(plan.skipped))
-

@@ -25,8 +25,12 @@ from quantcli.quantize.rules import (
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # Measured on real models (docs/int8.md): the compute-heavy ops, and data movement between
 # them, keep accuracy and gain speed; quantizing every elementwise op costs accuracy.
-DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm") + tuple(
-    op for op, rule in RULES.items() if rule.output is Output.SHARED and op != "Gather"
+DEFAULT_OP_TYPES = (
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    *(op for op, rule in RULES.items() if rule.output is Output.SHARED and op != "Gather"),
 )
 
 
@@ -58,6 +62,14 @@ class Plan:
 
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
+
+    def channel_axes(self) -> dict[str, int]:
+        """Inputs of quantized Conv/Gemm whose per-channel means drive bias correction."""
+        return {
+            n.inputs[0]: 1
+            for n in self.nodes
+            if n.op_type in ("Conv", "Gemm") and n.weight and n.inputs
+        }
 
     def root_of(self, tensor: str) -> str:
         while tensor in self.shared:
@@ -94,7 +106,9 @@ class _Planner:
         for name, axes in sorted(self.weight_axes.items()):
             axis = next(iter(axes)) if len(axes) == 1 else None
             role = self.plan.weights[name].role
-            self.plan.weights[name] = WeightPlan(name, axis if self.config.per_channel else None, role)
+            self.plan.weights[name] = WeightPlan(
+                name, axis if self.config.per_channel else None, role
+            )
         return self.plan
 
     def _skip(self, node: ir.Node, reason: str) -> bool:
@@ -112,21 +126,16 @@ class _Planner:
             return self._skip(node, "input is not float32/float16")
         if rule.check and (reason := rule.check(node)):
             return self._skip(node, reason)
-        if rule.weight is not None and node.op_type != "MatMul":
-            if not _is_const(_input(node, rule.weight)):
-                return self._skip(node, "weight is not a constant")
+        needs_const = rule.weight is not None and node.op_type != "MatMul"
+        if needs_const and not _is_const(_input(node, rule.weight)):
+            return self._skip(node, "weight is not a constant")
         if forced:
             return True
-        if is_depthwise(node) and not self._depthwise_allowed():
-            return self._skip(node, "depthwise Conv: int8 is slower than float on CPU")
+        if is_depthwise(node) and not self.config.quantize_depthwise:
+            return self._skip(node, "depthwise Conv kept float (--no-depthwise)")
         if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
             return self._skip(node, "activation x activation MatMul kept float for accuracy")
         return True
-
-    def _depthwise_allowed(self) -> bool:
-        if self.config.quantize_depthwise is not None:
-            return self.config.quantize_depthwise
-        return self.config.target != "cpu"
 
     def _quantized_readers(self, candidates: list[ir.Node]) -> set[str]:
         """Tensors some candidate reads as a quantized activation (output look-ahead)."""
@@ -151,8 +160,15 @@ class _Planner:
         bias = _input(node, rule.bias) if rule.bias is not None else None
         bias_name = bias.name if _is_const(bias) and weight and inputs else None
         self.plan.nodes.append(
-            NodePlan(node.name or "", node.op_type, inputs, weight, bias_name, output,
-                     fused.name if fused else None)
+            NodePlan(
+                node.name or "",
+                node.op_type,
+                inputs,
+                weight,
+                bias_name,
+                output,
+                fused.name if fused else None,
+            )
         )
 
     def _plan_weight(self, node: ir.Node, rule: OpRule) -> str | None:

@@ -16,6 +16,7 @@ from quantcli.quantize.math import (
     activation_qparams,
     bias_qparams,
     clamps_within,
+    dequantize,
     quantize,
     weight_qparams,
 )
@@ -25,9 +26,16 @@ Ranges = dict[str, tuple[float, float]]
 
 
 class QDQPass(ir.passes.InPlacePass):
-    def __init__(self, plan: Plan, ranges: Ranges, config: Int8Config) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        ranges: Ranges,
+        config: Int8Config,
+        means: dict[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.plan, self.ranges, self.config = plan, ranges, config
+        self.means = means or {}  # per-channel input means, for bias correction
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -45,8 +53,9 @@ class QDQPass(ir.passes.InPlacePass):
     def _activation_params(self) -> dict[str, QParams]:
         cfg = self.config
         return {
-            name: activation_qparams(*self.ranges[name], cfg.activation_type,
-                                     cfg.symmetric_activations)
+            name: activation_qparams(
+                *self.ranges[name], cfg.activation_type, cfg.symmetric_activations
+            )
             for name in self.plan.activations
         }
 
@@ -65,8 +74,13 @@ class QDQPass(ir.passes.InPlacePass):
         scale = add_initializer(graph, self.namer(f"{base}_scale"), qp.scale.astype(dtype.numpy()))
         zero = add_initializer(graph, self.namer(f"{base}_zero_point"), qp.zero_point)
         attrs = [ir.AttrInt64("axis", qp.axis)] if qp.axis is not None else []
-        node = ir.Node("", "DequantizeLinear", [q_val, scale, zero], attrs,
-                       name=self.namer(f"{base}_DequantizeLinear"))
+        node = ir.Node(
+            "",
+            "DequantizeLinear",
+            [q_val, scale, zero],
+            attrs,
+            name=self.namer(f"{base}_DequantizeLinear"),
+        )
         out = node.outputs[0]
         out.name = self.namer(f"{base}_dequantized")
         out.dtype, out.shape = dtype, q_val.shape
@@ -104,19 +118,51 @@ class QDQPass(ir.passes.InPlacePass):
         acts: dict[str, QParams],
         weights: dict[str, QParams],
     ) -> None:
+        """int32 biases (scale = input scale x weight scale), bias-corrected when possible."""
         for node_plan in self.plan.nodes:
-            if not node_plan.bias or node_plan.weight not in weights:
+            if node_plan.weight not in weights or node_plan.op_type not in ("Conv", "Gemm"):
                 continue
             node = nodes[node_plan.node]
-            index = [v.name if v else None for v in node.inputs].index(node_plan.bias)
-            value = node.inputs[index]
-            in_qp = acts[self.plan.root_of(node_plan.inputs[0])]
+            w = const_array(graph.initializers[node_plan.weight])
             w_qp = weights[node_plan.weight]
+            bias_index = 2
+            has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+            b = const_array(node.inputs[2]) if has_bias else np.zeros(_out_channels(node, w))
+            if b is None or not node_plan.inputs:
+                continue
+            shift = self._mean_shift(node, node_plan.inputs[0], w, w_qp)
+            if shift is None and not has_bias:
+                continue
+            corrected = b.astype(np.float64) - (shift if shift is not None else 0.0)
+            in_qp = acts[self.plan.root_of(node_plan.inputs[0])]
             qp = bias_qparams(in_qp.scale, w_qp.scale)
-            b = const_array(value).astype(np.float64)
-            q = np.clip(np.rint(b / qp.scale), -(2**31), 2**31 - 1).astype(np.int32)
-            dq = self._dq_node(graph, f"{node_plan.bias}_{node.name}", q, qp, value.dtype)
-            node.replace_input_with(index, dq)
+            q = np.clip(np.rint(corrected / qp.scale), -(2**31), 2**31 - 1).astype(np.int32)
+            base = node_plan.bias or f"{node.name}.bias"
+            dq = self._dq_node(graph, f"{base}_{node.name}", q, qp, w_qp_dtype(graph, node_plan))
+            if not has_bias:
+                node.resize_inputs(3)
+            node.replace_input_with(bias_index, dq)
+
+    def _mean_shift(
+        self, node: ir.Node, tensor: str, w: np.ndarray, w_qp: QParams
+    ) -> np.ndarray | None:
+        """(Wq - W) . E[x]: how much weight quantization moves each output channel's mean."""
+        mean = self.means.get(tensor)
+        if mean is None or not self.config.bias_correction:
+            return None
+        error = dequantize(quantize(w, w_qp), w_qp).astype(np.float64) - w
+        if node.op_type == "Gemm":
+            if mean.size != error.shape[1 if node.attributes.get_int("transB", 0) else 0]:
+                return None
+            trans = node.attributes.get_int("transB", 0)
+            return error @ mean if trans else mean @ error
+        groups = node.attributes.get_int("group", 1)
+        per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [M, C/g]
+        if mean.size != per_input.shape[1] * groups:
+            return None
+        grouped = mean.reshape(groups, -1)  # [g, C/g]
+        group_of = np.arange(error.shape[0]) // (error.shape[0] // groups)
+        return np.einsum("mc,mc->m", per_input, grouped[group_of])
 
     def _drop_redundant_activations(
         self, graph: ir.Graph, nodes: dict[str, ir.Node], acts: dict[str, QParams]
@@ -144,14 +190,22 @@ class QDQPass(ir.passes.InPlacePass):
         value = self._values(graph)[tensor]
         uses = [(u.node, u.idx) for u in value.uses()]  # before the Q node becomes one
         dtype = value.dtype or ir.DataType.FLOAT
-        scale = add_initializer(graph, self.namer(f"{tensor}_scale"), qp.scale.astype(dtype.numpy()))
+        scale = add_initializer(
+            graph, self.namer(f"{tensor}_scale"), qp.scale.astype(dtype.numpy())
+        )
         zero = add_initializer(graph, self.namer(f"{tensor}_zero_point"), qp.zero_point)
-        q = ir.Node("", "QuantizeLinear", [value, scale, zero], name=self.namer(f"{tensor}_QuantizeLinear"))
+        q = ir.Node(
+            "", "QuantizeLinear", [value, scale, zero], name=self.namer(f"{tensor}_QuantizeLinear")
+        )
         q.outputs[0].name = self.namer(f"{tensor}_quantized")
         q.outputs[0].dtype = ir.DataType.UINT8 if qp.dtype == "uint8" else ir.DataType.INT8
         q.outputs[0].shape = value.shape
-        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero],
-                     name=self.namer(f"{tensor}_DequantizeLinear"))
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            [q.outputs[0], scale, zero],
+            name=self.namer(f"{tensor}_DequantizeLinear"),
+        )
         dq_out = dq.outputs[0]
         dq_out.dtype, dq_out.shape = dtype, value.shape
         dq_out.name = self.namer(f"{tensor}_dequantized")
@@ -176,3 +230,14 @@ def _activation_bounds(node: ir.Node) -> tuple[float | None, float | None]:
         lo, hi = (const_array(v) if v is not None else None for v in (*node.inputs, None)[1:3])
         return (None if lo is None else float(lo), None if hi is None else float(hi))
     return node.attributes.get_float("min", None), node.attributes.get_float("max", None)
+
+
+def _out_channels(node: ir.Node, w: np.ndarray) -> int:
+    if node.op_type == "Gemm":
+        return w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
+    return w.shape[0]
+
+
+def w_qp_dtype(graph: ir.Graph, node_plan: object) -> ir.DataType:
+    """Biases dequantize to the weight's float type."""
+    return graph.initializers[node_plan.weight].dtype  # type: ignore[attr-defined]

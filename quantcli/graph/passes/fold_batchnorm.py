@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.graph.build import Namer, add_initializer, const_array as _const
+from quantcli.graph.build import Namer, add_initializer
+from quantcli.graph.build import const_array as _const
 
 
 def _foldable(bn: ir.Node) -> ir.Node | None:

@@ -66,8 +66,16 @@ FOLDERS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
 
 # Largest result, in elements, folded by the reference evaluator (shape arithmetic, not data).
 SMALL_RESULT = 1 << 16
-NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-              "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"}
+NEVER_FOLD = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "QuantizeLinear",
+    "DequantizeLinear",
+}
 
 
 def _reference(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
@@ -78,7 +86,7 @@ def _reference(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
     try:
         proto = ir.serde.serialize_node(node)
         names = [v.name for v in node.inputs if v is not None]
-        feeds = dict(zip(names, args))
+        feeds = dict(zip(names, args, strict=True))
         (result,) = ReferenceEvaluator(proto).run(None, feeds)
     except Exception:  # an op the reference evaluator lacks: leave it to the runtime
         return None

@@ -50,11 +50,12 @@ class FoldPadIntoConvPass(ir.passes.InPlacePass):
             begin, end = amounts[:rank], amounts[rank:]
             if np.any(begin[:2]) or np.any(end[:2]):
                 continue  # padding of batch or channel dims is not a Conv padding
-            old = conv.attributes.get_ints("pads", None) or [0] * (2 * (rank - 2))
             spatial = rank - 2
-            merged = [int(b) + int(o) for b, o in zip(list(begin[2:]) + list(end[2:]), old)]
-            if len(merged) != 2 * spatial:
+            old = conv.attributes.get_ints("pads", None) or [0] * (2 * spatial)
+            added = [*begin[2:], *end[2:]]
+            if len(old) != len(added):
                 continue
+            merged = [int(a) + int(o) for a, o in zip(added, old, strict=True)]
             conv.attributes["pads"] = ir.AttrInt64s("pads", merged)
             conv.replace_input_with(0, pad.inputs[0])
             graph.remove(pad, safe=True)

@@ -19,8 +19,8 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         self.minimum = minimum
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if default_opset(model) >= self.minimum:
-            return ir.passes.PassResult(model, modified=False)
+        if default_opset(model) >= self.minimum:  # a functional pass returns a new model
+            return ir.passes.PassResult(model.clone(), modified=False)
         proto = ir.to_proto(model)
         try:
             converted = version_converter.convert_version(proto, self.minimum)
@@ -30,5 +30,8 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
                 f"{self.minimum} (needed for per-channel quantization): {exc}",
                 hint="re-export at opset 13 or newer, or pass --per-tensor",
             ) from exc
+        # The converter keeps the IR version; opset 13 needs IR 7, opset 21 (int4) IR 10.
+        needed = onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True)
+        converted.ir_version = max(converted.ir_version, needed)
         onnx.checker.check_model(converted)
         return ir.passes.PassResult(ir.from_proto(converted), modified=True)

@@ -22,14 +22,13 @@ from quantcli.graph.passes.shapes import InferShapesPass
 
 
 def prepare_model(model: ir.Model, *, min_opset: int | None = None) -> ir.Model:
-    """Constants to initializers, opset upgrade, BN/Pad folding, constant folding, shapes."""
-    passes: list[ir.passes.PassBase] = [
-        LiftConstantsPass(),
-        RemoveInitializersFromInputsPass(),
-    ]
-    if min_opset:
+    """Opset upgrade, constants to initializers, BN/Pad folding, constant folding, shapes."""
+    passes: list[ir.passes.PassBase] = []
+    if min_opset:  # first: the converter writes new Constant nodes (Clip bounds, axes)
         passes.append(UpgradeOpsetPass(min_opset))
     passes += [
+        LiftConstantsPass(),
+        RemoveInitializersFromInputsPass(),
         FoldBatchNormPass(),
         FoldConstantTransformsPass(),
         FoldPadIntoConvPass(),
