@@ -50,7 +50,7 @@ def convert(
         str | None,
         typer.Option(
             "--format",
-            help="INT8: qdq (default) or qoperator. INT4: "
+            help="INT8: auto (default: QDQ convs, dynamic MatMuls), qdq or qoperator. INT4: "
             "matmulnbits (default) or qdq (standard DequantizeLinear int4).",
         ),
     ] = None,
@@ -137,8 +137,9 @@ def _int8(**o: Any) -> Any:
             hint="pass --data SAMPLES, --calibration table.json, or --dynamic",
         )
     fields = op_selection(o["op_types"], o["include"], o["exclude"])
+    if o["dynamic"] or o["format_"]:
+        fields["format"] = "dynamic" if o["dynamic"] else o["format_"]
     fields.update(
-        format="dynamic" if o["dynamic"] else (o["format_"] or "qdq"),
         per_channel=o["per_channel"],
         weight_type=o["weight_type"],
         reduce_range=o["reduce_range"],

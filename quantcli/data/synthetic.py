@@ -15,7 +15,7 @@ from quantcli.errors import DataError
 from quantcli.graph.signature import TensorSpec
 
 DEFAULT_COUNT = 8
-INT_HIGH = 100  # ints in [0, 100): valid token ids for nearly any vocabulary
+INT_HIGH = 2  # ints in {0, 1}: valid ids, masks and type ids for nearly any model
 
 
 def parse_random(spec: str) -> int:

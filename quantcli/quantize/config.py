@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from quantcli.errors import InputError
 
-FORMATS = ("qdq", "qoperator", "dynamic")
+FORMATS = ("auto", "qdq", "qoperator", "dynamic")
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 TARGETS = ("cpu", "tensorrt")
@@ -14,7 +14,9 @@ TARGETS = ("cpu", "tensorrt")
 
 @dataclass(frozen=True)
 class Int8Config:
-    format: str = "qdq"
+    # auto: QDQ for convolutions and Gemm, dynamic int8 for MatMul weights (the faster and
+    # more accurate form for transformer layers on CPU, measured: docs/int8.md).
+    format: str = "auto"
     per_channel: bool = True
     activation_type: str = "uint8"
     weight_type: str = "int8"
@@ -47,7 +49,12 @@ class Int8Config:
     @staticmethod
     def for_target(target: str, **overrides: object) -> Int8Config:
         if target == "tensorrt":
-            base = {"activation_type": "int8", "symmetric_activations": True, "target": target}
+            base = {
+                "activation_type": "int8",
+                "symmetric_activations": True,
+                "target": target,
+                "format": "qdq",
+            }
             return Int8Config(**{**base, **overrides})  # type: ignore[arg-type]
         return Int8Config(target=target, **overrides)  # type: ignore[arg-type]
 

@@ -65,20 +65,31 @@ def quantize_int8(
     model, plan = prepare_for_int8(model, config)
     if config.format == "dynamic":
         return _dynamic(model, plan, config)
-    if not plan.nodes:
+    if not plan.nodes and not plan.dynamic:
         raise InputError(
             "nothing to quantize: no node matches the selected op types",
             hint="run quantcli inspect to see the op types, then set --op-types/--include",
         )
-    table = _table(loaded, model, plan, table, data, calibration, progress)
-    means = {name: m.mean for name, m in table.means.items()}
-    QDQPass(plan, dict(table.ranges), config, means)(model)
+    warnings = []
+    if plan.nodes:
+        table = _table(loaded, model, plan, table, data, calibration, progress)
+        means = {name: m.mean for name, m in table.means.items()}
+        QDQPass(plan, dict(table.ranges), config, means)(model)
+    elif data is not None or table is not None:
+        warnings.append("every quantized node is dynamic: the calibration data was not needed")
     if config.format == "qoperator":
         from quantcli.quantize.qoperator import QOperatorPass
 
         QOperatorPass()(model)
+    if plan.dynamic:
+        from quantcli.quantize.dynamic import DynamicQuantizePass
+
+        names = frozenset(name for name, _ in plan.dynamic)
+        DynamicQuantizePass(per_channel=config.per_channel, nodes=names)(model)
     RemoveUnusedNodesPass()(model)
-    return _result(model, plan)
+    result = _result(model, plan)
+    result.warnings.extend(warnings)
+    return result
 
 
 def _table(
@@ -132,4 +143,5 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
 
 def _result(model: ir.Model, plan: Plan) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
+    counts.update(f"{op} (dynamic)" for _, op in plan.dynamic)
     return Int8Result(model, plan, dict(sorted(counts.items())), list(plan.skipped))

@@ -59,6 +59,7 @@ class Plan:
     shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor it copies params of
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, reason
+    dynamic: list[tuple[str, str]] = field(default_factory=list)  # (node, op): dynamic int8
 
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
@@ -123,7 +124,8 @@ class _Planner:
         if _matches(name, self.config.exclude):
             return self._skip(node, "excluded by --exclude")
         if not _is_float(node.inputs[0] if node.inputs else None):
-            return self._skip(node, "input is not float32/float16")
+            # Data movement on integer tensors (shape arithmetic) is not worth a line.
+            return rule.output is not Output.SHARED and self._skip(node, "input is not float")
         if rule.check and (reason := rule.check(node)):
             return self._skip(node, reason)
         needs_const = rule.weight is not None and node.op_type != "MatMul"
@@ -135,12 +137,16 @@ class _Planner:
             return self._skip(node, "depthwise Conv kept float (--no-depthwise)")
         if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
             return self._skip(node, "activation x activation MatMul kept float for accuracy")
+        if _after_outlier_activation(node):
+            return self._skip(node, "input comes from Gelu (outliers): kept float for accuracy")
         return True
 
     def _quantized_readers(self, candidates: list[ir.Node]) -> set[str]:
         """Tensors some candidate reads as a quantized activation (output look-ahead)."""
         names: set[str] = set()
         for node in candidates:
+            if self._goes_dynamic(node):
+                continue
             rule = RULES[node.op_type]
             for i in rule.activations:
                 value = _input(node, i)
@@ -148,7 +154,17 @@ class _Planner:
                     names.add(value.name or "")
         return names
 
+    def _goes_dynamic(self, node: ir.Node) -> bool:
+        """In auto format, MatMuls with a constant 2-D weight are quantized dynamically."""
+        if self.config.format != "auto" or node.op_type != "MatMul":
+            return False
+        weight = node.inputs[1]
+        return _is_const(weight) and len(weight.const_value.shape) == 2
+
     def _plan_node(self, node: ir.Node, readers: set[str]) -> None:
+        if self._goes_dynamic(node):
+            self.plan.dynamic.append((node.name or "", node.op_type))
+            return
         rule = RULES[node.op_type]
         if rule.output is Output.SHARED and (node.inputs[0].name not in self.quantized):
             return  # data movement only stays int8 when its input already is
@@ -232,6 +248,18 @@ class _Planner:
         self.quantized.add(name)
         if own:
             self.plan.activations.append(name)
+
+
+# Transformer FFN down-projections read Gelu outputs whose few huge channels wreck a
+# per-tensor int8 activation scale (measured on all-MiniLM-L6-v2: docs/int8.md).
+OUTLIER_ACTIVATIONS = ("Gelu", "FastGelu", "BiasGelu")
+
+
+def _after_outlier_activation(node: ir.Node) -> bool:
+    if node.op_type not in ("MatMul", "Gemm") or not node.inputs:
+        return False
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return producer is not None and producer.op_type in OUTLIER_ACTIVATIONS
 
 
 def _input(node: ir.Node, index: int | None) -> ir.Value | None:
