@@ -42,6 +42,14 @@ SymmetricOpt = Annotated[
     bool,
     typer.Option("--symmetric/--asymmetric", help="Symmetric ranges (for int8 activations)."),
 ]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="The INT8 format the table is for, as in convert: auto (MatMuls dynamic, "
+        "not calibrated), qdq or qoperator.",
+    ),
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option("--shard", help="I/N: calibrate the samples whose index % N == I (merge later)."),
@@ -65,6 +73,7 @@ def calibrate(
     batch_size: BatchOpt = 1,
     limit: LimitOpt = None,
     shard: ShardOpt = None,
+    format_: FormatOpt = "auto",
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -86,7 +95,8 @@ def calibrate(
         limit=limit,
         shard=parse_shard(shard) if shard else None,
     )
-    int8 = Int8Config(**op_selection(op_types, include, exclude))
+    # The same plan as convert's: a table for --format qdq also covers the MatMul inputs.
+    int8 = Int8Config(format=format_, **op_selection(op_types, include, exclude))
     _check_output(output, force, [model, Path(data)])
     table, source = calibrate_file(
         model, data, config, int8, images=parse_preprocess(preprocess), progress=_Bar()

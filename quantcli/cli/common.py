@@ -211,6 +211,7 @@ def progress_bar(description: str, total: int) -> Any:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # piped stderr keeps only warnings and errors
     )
     task = progress.add_task(description, total=total, rate="")
 

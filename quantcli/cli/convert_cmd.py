@@ -100,6 +100,12 @@ def convert(
     algorithm: Annotated[
         str, typer.Option("--algorithm", help="INT4: rtn (default) or gptq (needs --data).")
     ] = "rtn",
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings/--no-embeddings", help="INT4: also quantize Gather embedding tables."
+        ),
+    ] = False,
     accuracy_level: Annotated[
         int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level (0-4).")
     ] = 0,
@@ -188,6 +194,7 @@ def _int4(**o: Any) -> Any:
         format=o["format_"] or "matmulnbits",
         accuracy_level=o["accuracy_level"],
         exclude=tuple(o["exclude"] or ()),
+        embeddings=o["embeddings"],
     )
     return convert_int4_file(
         o["model"],

@@ -25,7 +25,7 @@ from quantcli.quantize.int4_math import (
     quantize_rtn,
     to_dequantize_linear_int4,
 )
-from quantcli.quantize.int4_plan import Int4Candidate, int4_candidates
+from quantcli.quantize.int4_plan import Int4Candidate, gather_candidates, int4_candidates
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "gptq")
@@ -41,6 +41,7 @@ class Int4Config:
     format: str = "matmulnbits"
     accuracy_level: int = 0
     exclude: tuple[str, ...] = ()
+    embeddings: bool = False  # also Gather tables (GatherBlockQuantized / DQ -> Gather)
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -84,7 +85,8 @@ def quantize_int4(
     min_opset = 21 if config.format == "qdq" and default_opset(model) < 21 else None
     model = prepare_model(model, min_opset=min_opset)
     candidates = int4_candidates(model, config.exclude)
-    if not candidates:
+    gathers = gather_candidates(model, config.exclude) if config.embeddings else []
+    if not candidates and not gathers:
         raise InputError(
             "no MatMul/Gemm with a constant 2-D float weight to quantize to INT4",
             hint="run quantcli inspect to see the model's ops",
@@ -106,6 +108,12 @@ def quantize_int4(
         else:
             bq = quantize_rtn(w, config.block_size, config.symmetric)
         _rewrite(model.graph, node, bq, config, namer)
+        done.append(cand)
+    for cand in gathers:
+        node = nodes[cand.node]
+        table = const_array(node.inputs[0]).astype(np.float32)
+        bq = quantize_rtn(np.ascontiguousarray(table.T), config.block_size, config.symmetric)
+        _rewrite_gather(model.graph, node, bq, config, namer)
         done.append(cand)
     RemoveUnusedNodesPass()(model)
     if config.format == "matmulnbits" and MS_DOMAIN not in model.opset_imports:
@@ -191,6 +199,55 @@ def _rewrite(
         new = [dq, mm]
     if bias is not None:  # Gemm's C, added in float after the product
         new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=namer(f"{base}_bias")))
+    result = new[-1].outputs[0]
+    result.name, result.dtype, result.shape = out.name, out.dtype, out.shape
+    graph.insert_before(node, new)
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+
+
+def _rewrite_gather(
+    graph: ir.Graph, node: ir.Node, bq: BlockQuantized, config: Int4Config, namer: Namer
+) -> None:
+    """Gather(table) -> GatherBlockQuantized, or DequantizeLinear(int4, axis=1) -> Gather."""
+    base = node.name or "gather"
+    q, scale, zero = to_dequantize_linear_int4(bq)  # [D, V] layout: transpose to [V, D]
+    inputs = [
+        add_initializer(graph, namer(f"{base}.table_int4"), np.ascontiguousarray(q.T)),
+        node.inputs[1],
+        add_initializer(graph, namer(f"{base}.table_scale"), np.ascontiguousarray(scale.T)),
+    ]
+    if zero is not None:
+        inputs.append(
+            add_initializer(graph, namer(f"{base}.table_zero_point"), np.ascontiguousarray(zero.T))
+        )
+    if config.format == "matmulnbits":
+        attrs = [
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+            ir.AttrInt64("block_size", config.block_size),
+            ir.AttrInt64("bits", 4),
+        ]
+        new = [
+            ir.Node(
+                MS_DOMAIN,
+                "GatherBlockQuantized",
+                inputs,
+                attrs,
+                name=namer(f"{base}_GatherBlockQuantized"),
+            )
+        ]
+    else:
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            [inputs[0], *inputs[2:]],
+            [ir.AttrInt64("axis", 1), ir.AttrInt64("block_size", config.block_size)],
+            name=namer(f"{base}_DequantizeLinear"),
+        )
+        dq.outputs[0].name = namer(f"{base}.table_dequantized")
+        new = [dq, ir.Node("", "Gather", [dq.outputs[0], inputs[1]], name=namer(f"{base}_Gather"))]
+    out = node.outputs[0]
     result = new[-1].outputs[0]
     result.name, result.dtype, result.shape = out.name, out.dtype, out.shape
     graph.insert_before(node, new)

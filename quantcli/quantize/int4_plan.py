@@ -40,3 +40,23 @@ def int4_candidates(
         k, n = (array.shape[1], array.shape[0]) if transposed else array.shape
         found.append(Int4Candidate(name, node.op_type, weight.name or "", (k, n), transposed))
     return found
+
+
+def gather_candidates(model: ir.Model, exclude: tuple[str, ...] = ()) -> list[Int4Candidate]:
+    """Embedding lookups: Gather on axis 0 of a constant 2-D float table [V, D]."""
+    found = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type != "Gather":
+            continue
+        name = node.name or ""
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        table = const_array(node.inputs[0])
+        if table is None or table.ndim != 2 or table.dtype.kind != "f":
+            continue
+        if node.attributes.get_int("axis", 0) != 0:
+            continue
+        # Blocks run along D (shape[1]): stored like a [D, V] weight.
+        shape = (int(table.shape[1]), int(table.shape[0]))
+        found.append(Int4Candidate(name, "Gather", node.inputs[0].name or "", shape, True))
+    return found
