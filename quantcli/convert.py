@@ -82,7 +82,8 @@ def convert_int8_file(
         )
     if data_spec and table_path:
         raise InputError("pass --data or --calibration, not both")
-    check_output_path(output, inputs=[model_path], force=force)
+    sources = [model_path, *(Path(p) for p in (data_spec, table_path) if p)]
+    check_output_path(output, inputs=sources, force=force)
     loaded = load_model(model_path)
     calibration = calibration or CalibrationConfig()
     data = None
@@ -133,7 +134,8 @@ def convert_int4_file(
     from quantcli.quantize.int8 import check_not_quantized
 
     start = time.perf_counter()
-    check_output_path(output, inputs=[model_path], force=force)
+    sources = [model_path, *([Path(data_spec)] if data_spec else [])]
+    check_output_path(output, inputs=sources, force=force)
     loaded = load_model(model_path)
     check_not_quantized(loaded.model)
     data = None

@@ -86,7 +86,7 @@ def session_for_model(
     """A session over an in-memory onnx-ir model; large models go through a temp directory."""
     import onnx_ir as ir
 
-    if _weights_bytes(model) < _IN_MEMORY_LIMIT:
+    if _weights_bytes(model) < _IN_MEMORY_LIMIT and not _has_external(model):
         data = ir.to_proto(model).SerializeToString()
         yield create_session(data, provider, threads, optimize)
         return
@@ -94,6 +94,15 @@ def session_for_model(
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
         yield create_session(path, provider, threads, optimize)
+
+
+def _has_external(model: ir.Model) -> bool:
+    """Serialized bytes would point ORT at external files relative to the working dir."""
+    import onnx_ir as ir
+
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
 
 
 def _weights_bytes(model: ir.Model) -> int:

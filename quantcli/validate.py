@@ -36,7 +36,13 @@ def output_validator(samples: list[Feeds], provider: str = "cpu") -> Callable[[P
             raise InvalidOutput(f"ONNX Runtime cannot load the quantized model: {exc}") from exc
         names = [o.name for o in session.get_outputs()]
         for i, feeds in enumerate(samples):
-            for name, array in zip(names, session.run(None, feeds), strict=True):
+            try:
+                outputs = session.run(None, feeds)
+            except Exception as exc:
+                raise InvalidOutput(
+                    f"the quantized model fails to run on sample {i}: {exc}"
+                ) from exc
+            for name, array in zip(names, outputs, strict=True):
                 if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                     raise InvalidOutput(
                         f"the quantized model's output '{name}' is not finite on sample {i}"

@@ -33,7 +33,8 @@ class Namer:
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    # np.ascontiguousarray would turn a scalar into shape [1]: per-axis in ONNX's eyes.
+    tensor = ir.tensor(np.require(array, requirements="C"), name=name)
     value = ir.Value(
         name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype)
     )

@@ -1,0 +1,151 @@
+"""`convert --bits 4`: both output forms, symmetric or not, RTN and GPTQ, and refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import SAMPLE_NAMES, Cli, Tiny, run_ort, sample
+
+from quantcli.convert import convert_int4_file
+from quantcli.graph.passes import prepare_model
+from quantcli.quantize.int4 import Int4Config
+from quantcli.quantize.int4_math import quantize_rtn
+from quantcli.quantize.int4_plan import int4_candidates
+
+FORMATS = ("matmulnbits", "qdq")
+
+
+def _cosine_mean(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_sample_models(name: str, fmt: str, symmetric: bool, tmp_path: Path, cli: Cli) -> None:
+    s, out = sample(name), tmp_path / "q4.onnx"
+    flag = "--symmetric" if symmetric else "--asymmetric"
+    doc = cli.ok("convert", s.model, "-o", out, "--bits", "4", "--format", fmt, flag, "--json")
+    summary = json.loads(doc.stdout)
+    wanted = int4_candidates(prepare_model(ir.load(s.model)))
+    assert summary["int4"]["weights"] == len(wanted) > 0
+    assert summary["size_after"] < summary["size_before"]
+    ops = _ops(out)
+    if fmt == "matmulnbits":
+        assert ops.count("MatMulNBits") == len(wanted)
+    else:
+        proto = onnx.load(out)
+        assert proto.opset_import[0].version >= 21 and proto.ir_version >= 10
+        int4 = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+        types = {t.name: t.data_type for t in proto.graph.initializer}
+        dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+        assert [types[n.input[0]] for n in dqs] == [int4] * len(wanted)
+        assert all(len(n.input) == (2 if symmetric else 3) for n in dqs)
+    x, labels = s.eval_arrays(128)
+    (want,), (got,) = run_ort(s.model, {"input": x}), run_ort(out, {"input": x})
+    assert _cosine_mean(want, got) >= 0.99
+    assert (got.argmax(1) == labels).mean() >= (want.argmax(1) == labels).mean() - 0.03
+
+
+def _dequantized_reference(path: Path, block: int, symmetric: bool) -> onnx.ModelProto:
+    """The float model with every INT4 weight replaced by its dequantized INT4 value."""
+    model = prepare_model(ir.load(path))
+    nodes = {n.name: n for n in model.graph}
+    for cand in int4_candidates(model):
+        value = nodes[cand.node].inputs[1]
+        w = value.const_value.numpy()
+        deq = quantize_rtn(w.T if cand.transposed else w, block, symmetric).dequantize()
+        value.const_value = ir.tensor(deq.T if cand.transposed else deq, name=value.name)
+    return ir.to_proto(model)
+
+
+@pytest.mark.parametrize("name", [*SAMPLE_NAMES, "tied_embedding", "gemm_mlp"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int4_model_equals_float_model_with_dequantized_weights(
+    name: str, fmt: str, symmetric: bool, tiny: Tiny
+) -> None:
+    path = sample(name).model if name in SAMPLE_NAMES else tiny.path(name)
+    out, block = tiny.root / "q4.onnx", 16
+    convert_int4_file(path, out, Int4Config(block_size=block, symmetric=symmetric, format=fmt))
+    feeds = tiny.feeds(path, n=8)
+    (want,) = run_ort(_dequantized_reference(path, block, symmetric), feeds, optimize=False)
+    (got,) = run_ort(out, feeds, optimize=False)
+    atol = 1e-5 if fmt == "qdq" else 1e-3  # MatMulNBits accumulates in its own order
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["encoder", "mlp"])
+def test_gptq_with_data(name: str, tmp_path: Path, cli: Cli) -> None:
+    s = sample(name)
+    rtn, gptq = tmp_path / "rtn.onnx", tmp_path / "gptq.onnx"
+    cli.ok("convert", s.model, "-o", rtn, "--bits", "4")
+    args = ["--algorithm", "gptq", "--data", s.calib, "--limit", "16"]
+    cli.ok("convert", s.model, "-o", gptq, "--bits", "4", *args)
+    assert rtn.read_bytes() != gptq.read_bytes()
+    x = s.eval_arrays(128)[0]
+    (want,), (got,) = run_ort(s.model, {"input": x}), run_ort(gptq, {"input": x})
+    assert _cosine_mean(want, got) >= 0.99
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tied_weight_keeps_the_float_table_for_gather(fmt: str, tiny: Tiny) -> None:
+    path, out = tiny.path("tied_embedding"), tiny.root / "q4.onnx"
+    summary = convert_int4_file(path, out, Int4Config(format=fmt))
+    assert summary.quantized_by_type == {"MatMul": 1}
+    proto = onnx.load(out)
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather")
+    table = next(t for t in proto.graph.initializer if t.name == gather.input[0])
+    original = onnx.load(path).graph.initializer[0]
+    assert table.data_type == onnx.TensorProto.FLOAT
+    assert (
+        onnx.numpy_helper.to_array(table).tobytes()
+        == onnx.numpy_helper.to_array(original).tobytes()
+    )
+    quantized = "MatMulNBits" if fmt == "matmulnbits" else "DequantizeLinear"
+    assert quantized in _ops(out)
+    reader = next(n for n in proto.graph.node if n.op_type in ("MatMulNBits", "MatMul"))
+    assert gather.input[0] not in reader.input
+
+
+def _int8_model(tiny: Tiny) -> Path:
+    path = tiny.path("gemm_mlp")
+    out = tiny.root / "int8.onnx"
+    Cli().ok("convert", path, "-o", out, "--data", tiny.data(path))
+    return out
+
+
+def _int4_model(tiny: Tiny) -> Path:
+    path = tiny.path("gemm_mlp")
+    out = tiny.root / "int4.onnx"
+    Cli().ok("convert", path, "-o", out, "--bits", "4", "--block-size", "16")
+    return out
+
+
+BAD = {
+    "block_size_48": (lambda t: t.path("gemm_mlp"), ["--block-size", "48"], "--block-size 48"),
+    "gptq_without_data": (lambda t: t.path("gemm_mlp"), ["--algorithm", "gptq"], "needs calib"),
+    "no_weight": (lambda t: t.path("conv_only"), [], "no MatMul/Gemm with a constant"),
+    "already_int8": (_int8_model, [], "already quantized"),
+    "already_int4": (_int4_model, [], "already quantized .*MatMulNBits"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs(case: str, tiny: Tiny, cli: Cli) -> None:
+    make, args, message = BAD[case]
+    out = tiny.root / "out.onnx"
+    line = cli.fails("convert", make(tiny), "-o", out, "--bits", "4", *args)
+    assert re.search(message, line)
+    assert not out.exists()
+    assert not [p for p in tiny.root.iterdir() if p.name.startswith(".out.onnx")]
