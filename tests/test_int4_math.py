@@ -106,13 +106,14 @@ def test_clip_search_never_worse(w: np.ndarray, block_size: int, symmetric: bool
     assert err_clip <= err_plain * (1 + 1e-9) + 1e-30
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_clip_search_strictly_helps_on_gaussian_weights(symmetric: bool) -> None:
-    w = np.random.default_rng(0).standard_normal((256, 32)).astype(np.float32)
+def test_clip_search_strictly_helps_on_heavy_tailed_weights() -> None:
+    # Clipping is kept only where it cuts a block's error by CLIP_MIN_GAIN: large blocks of
+    # heavy-tailed weights are where that happens.
+    w = np.random.default_rng(0).standard_t(4, (256, 32)).astype(np.float32)
     errs = [
-        np.sum(np.square(w - quantize_rtn(w, 64, symmetric, c).dequantize())) for c in (False, True)
+        np.sum(np.square(w - quantize_rtn(w, 256, True, c).dequantize())) for c in (False, True)
     ]
-    assert errs[1] < 0.97 * errs[0]
+    assert errs[1] < 0.9 * errs[0]
 
 
 @pytest.mark.parametrize("clip", [True, False])

@@ -29,6 +29,7 @@ ASYM_MAX = 15
 MATMULNBITS_SYM_ZERO_POINT = 8
 # Ratio 1.0 first: ties keep the unclipped range, so clip search is never worse per block.
 CLIP_RATIOS = np.linspace(1.0, 0.5, 20)
+CLIP_MIN_GAIN = 0.25  # a clipped range must cut the block's squared error by a quarter
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 
 
@@ -131,8 +132,11 @@ def block_params(
         err = _block_error(w, scale, zp, symmetric)
         if best_err is None:
             best_scale, best_zp, best_err = scale, zp, err
+            base_err = err
             continue
-        better = err < best_err
+        # Clip only for a clear gain: clipping trades outlier error for rounding error,
+        # and outlier weights weigh more in a layer's output than in the weight error.
+        better = (err < best_err) & (err < (1.0 - CLIP_MIN_GAIN) * base_err)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         if zp is not None:
