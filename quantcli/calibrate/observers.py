@@ -32,12 +32,17 @@ def fit_exp(amax: float, bins_per_side: int) -> int:
 
 
 def _bin_counts(x: np.ndarray, exp: int, bins_per_side: int) -> np.ndarray:
-    """Histogram of finite float64 values on the grid of width 2**exp (all must fit)."""
-    idx = np.floor(x / math.ldexp(1.0, exp))
-    # Dividing by a power of two is exact unless the quotient underflows, which only happens
-    # for |x| far below one bin; a tiny negative x must then still land in bin -1, not 0.
-    np.minimum(idx, -1.0, out=idx, where=x < 0)
-    return np.bincount(idx.astype(np.int64) + bins_per_side, minlength=2 * bins_per_side)
+    """Histogram of finite float32/64 values on the grid of width 2**exp (all must fit)."""
+    # Scaling by a power of two is exact in x's own precision (no float64 copy needed)
+    # unless the product underflows, which only happens for |x| far below one bin.
+    if x.dtype == np.float32 and exp < -120:  # bin width below float32's normal range
+        x = x.astype(np.float64)
+    idx = np.floor(x / x.dtype.type(math.ldexp(1.0, exp)))
+    # A tiny negative x that underflowed to -0.0 must still land in bin -1, not 0.
+    idx[(idx == 0) & (x < 0)] = -1
+    bins = idx.astype(np.intp)
+    bins += bins_per_side
+    return np.bincount(bins, minlength=2 * bins_per_side)
 
 
 def _coarsen(counts: np.ndarray, steps: int, bins_per_side: int) -> np.ndarray:
@@ -121,7 +126,10 @@ class TensorStats:
 
     def update(self, x: npt.ArrayLike) -> None:
         """Add every value of `x` (any shape); NaN and +-Inf are counted, not binned."""
-        x = np.asarray(x, dtype=np.float64).ravel()
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
+        x = x.ravel()
         finite = np.isfinite(x)
         if not finite.all():
             nans = int(np.isnan(x).sum())
