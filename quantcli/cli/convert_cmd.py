@@ -96,7 +96,7 @@ def convert(
     ] = 32,
     symmetric: Annotated[
         bool, typer.Option("--symmetric/--asymmetric", help="INT4 weights: zero point or not.")
-    ] = True,
+    ] = False,
     algorithm: Annotated[
         str, typer.Option("--algorithm", help="INT4: rtn (default) or gptq (needs --data).")
     ] = "rtn",

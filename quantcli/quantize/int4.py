@@ -36,7 +36,8 @@ MS_DOMAIN = "com.microsoft"
 @dataclass(frozen=True)
 class Int4Config:
     block_size: int = 32
-    symmetric: bool = True
+    # Asymmetric by default: measured better on SmolLM2 and MiniLM (docs/int4.md).
+    symmetric: bool = False
     algorithm: str = "rtn"
     format: str = "matmulnbits"
     accuracy_level: int = 0
@@ -104,7 +105,7 @@ def quantize_int4(
         w = w.T if cand.transposed else w
         if config.algorithm == "gptq":
             h = hessians[node.inputs[0].name]
-            bq = gptq_quantize(w, h, config.block_size, config.symmetric)
+            bq = gptq_quantize(w, h, config.block_size, config.symmetric, act_order=True)
         else:
             bq = quantize_rtn(w, config.block_size, config.symmetric)
         _rewrite(model.graph, node, bq, config, namer)
