@@ -167,3 +167,63 @@ def test_embeddings_int4_gather_block_quantized_is_exact_to_the_dequantized_tabl
         assert op in ops
         got = run_ort(ir.to_proto(result.model), {"ids": ids})[0]
         np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_blockwise_int8_packing_round_trips_and_matches_ort() -> None:
+    from quantcli.quantize.blockwise import dequantize_blocks_int8, quantize_blocks_int8
+
+    w = RNG.standard_normal((40, 6)).astype(np.float32)  # K not a multiple of the block
+    b, scales = quantize_blocks_int8(w, 32)
+    assert b.shape == (6, 2, 32) and scales.shape == (6, 2)
+    deq = dequantize_blocks_int8(b, scales, 40)
+    assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S"],
+        ["y"],
+        domain="com.microsoft",
+        K=40,
+        N=6,
+        bits=8,
+        block_size=32,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    x = RNG.standard_normal((3, 40)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(proto, {"x": x})[0], x @ deq, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_sends_gelu_fed_matmuls_to_blockwise_int8(tiny) -> None:
+    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.prepare import prepare_for_int8
+
+    w1 = RNG.standard_normal((8, 16)).astype(np.float32)
+    w2 = RNG.standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+        helper.make_node("Gelu", ["h"], ["g"], name="gelu"),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="down"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    _, plan = prepare_for_int8(ir.from_proto(proto), Int8Config())
+    assert plan.dynamic == [("up", "MatMul")]
+    assert plan.blockwise == [("down", "MatMul")]
+    _, qdq = prepare_for_int8(ir.from_proto(proto), Int8Config(format="qdq"))
+    assert ("down", "MatMul") not in [(n.node, n.op_type) for n in qdq.nodes]

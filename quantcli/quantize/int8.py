@@ -65,7 +65,7 @@ def quantize_int8(
     model, plan = prepare_for_int8(model, config)
     if config.format == "dynamic":
         return _dynamic(model, plan, config)
-    if not plan.nodes and not plan.dynamic:
+    if not plan.nodes and not plan.dynamic and not plan.blockwise:
         raise InputError(
             "nothing to quantize: no node matches the selected op types",
             hint="run quantcli inspect to see the op types, then set --op-types/--include",
@@ -76,7 +76,7 @@ def quantize_int8(
         means = {name: m.mean for name, m in table.means.items()}
         QDQPass(plan, dict(table.ranges), config, means)(model)
     elif data is not None or table is not None:
-        warnings.append("every quantized node is dynamic: the calibration data was not needed")
+        warnings.append("no node is quantized statically: the calibration data was not needed")
     if config.format == "qoperator":
         from quantcli.quantize.qoperator import QOperatorPass
 
@@ -86,6 +86,10 @@ def quantize_int8(
 
         names = frozenset(name for name, _ in plan.dynamic)
         DynamicQuantizePass(per_channel=config.per_channel, nodes=names)(model)
+    if plan.blockwise:
+        from quantcli.quantize.blockwise import BlockwiseInt8Pass
+
+        BlockwiseInt8Pass(frozenset(name for name, _ in plan.blockwise))(model)
     RemoveUnusedNodesPass()(model)
     result = _result(model, plan)
     result.warnings.extend(warnings)
@@ -144,4 +148,5 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
 def _result(model: ir.Model, plan: Plan) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
     counts.update(f"{op} (dynamic)" for _, op in plan.dynamic)
+    counts.update(f"{op} (blockwise int8)" for _, op in plan.blockwise)
     return Int8Result(model, plan, dict(sorted(counts.items())), list(plan.skipped))

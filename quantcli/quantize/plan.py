@@ -60,6 +60,7 @@ class Plan:
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, reason
     dynamic: list[tuple[str, str]] = field(default_factory=list)  # (node, op): dynamic int8
+    blockwise: list[tuple[str, str]] = field(default_factory=list)  # MatMulNBits 8-bit
 
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
@@ -137,15 +138,15 @@ class _Planner:
             return self._skip(node, "depthwise Conv kept float (--no-depthwise)")
         if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
             return self._skip(node, "activation x activation MatMul kept float for accuracy")
-        if _after_outlier_activation(node):
-            return self._skip(node, "input comes from Gelu (outliers): kept float for accuracy")
+        if _after_outlier_activation(node) and not self._goes_blockwise(node):
+            return self._skip(node, "input after Gelu/gated SiLU (outliers): kept float")
         return True
 
     def _quantized_readers(self, candidates: list[ir.Node]) -> set[str]:
         """Tensors some candidate reads as a quantized activation (output look-ahead)."""
         names: set[str] = set()
         for node in candidates:
-            if self._goes_dynamic(node):
+            if self._goes_dynamic(node) or self._goes_blockwise(node):
                 continue
             rule = RULES[node.op_type]
             for i in rule.activations:
@@ -154,16 +155,26 @@ class _Planner:
                     names.add(value.name or "")
         return names
 
-    def _goes_dynamic(self, node: ir.Node) -> bool:
-        """In auto format, MatMuls with a constant 2-D weight are quantized dynamically."""
+    def _weight_matmul_in_auto(self, node: ir.Node) -> bool:
         if self.config.format != "auto" or node.op_type != "MatMul":
             return False
         weight = node.inputs[1]
         return _is_const(weight) and len(weight.const_value.shape) == 2
 
+    def _goes_dynamic(self, node: ir.Node) -> bool:
+        """In auto format, MatMuls with a constant 2-D weight are quantized dynamically..."""
+        return self._weight_matmul_in_auto(node) and not _after_outlier_activation(node)
+
+    def _goes_blockwise(self, node: ir.Node) -> bool:
+        """...unless their input has outlier channels: then blockwise int8 (MatMulNBits)."""
+        return self._weight_matmul_in_auto(node) and _after_outlier_activation(node)
+
     def _plan_node(self, node: ir.Node, readers: set[str]) -> None:
         if self._goes_dynamic(node):
             self.plan.dynamic.append((node.name or "", node.op_type))
+            return
+        if self._goes_blockwise(node):
+            self.plan.blockwise.append((node.name or "", node.op_type))
             return
         rule = RULES[node.op_type]
         if rule.output is Output.SHARED and (node.inputs[0].name not in self.quantized):
@@ -250,16 +261,28 @@ class _Planner:
             self.plan.activations.append(name)
 
 
-# Transformer FFN down-projections read Gelu outputs whose few huge channels wreck a
-# per-tensor int8 activation scale (measured on all-MiniLM-L6-v2: docs/int8.md).
-OUTLIER_ACTIVATIONS = ("Gelu", "FastGelu", "BiasGelu")
+# Transformer FFN down-projections read Gelu (or gated SiLU: x * sigmoid(x) * up) outputs
+# whose few huge channels wreck a per-tensor int8 activation scale (measured on
+# all-MiniLM-L6-v2 and SmolLM2-135M: docs/int8.md).
+OUTLIER_ACTIVATIONS = ("Gelu", "FastGelu", "BiasGelu", "Sigmoid", "HardSigmoid", "Silu")
 
 
 def _after_outlier_activation(node: ir.Node) -> bool:
-    if node.op_type not in ("MatMul", "Gemm") or not node.inputs:
+    if node.op_type not in ("MatMul", "Gemm") or not node.inputs or node.inputs[0] is None:
         return False
-    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-    return producer is not None and producer.op_type in OUTLIER_ACTIVATIONS
+    return _from_activation(node.inputs[0], depth=3)
+
+
+def _from_activation(value: ir.Value, depth: int) -> bool:
+    """Produced by an outlier activation, directly or through the Muls of a gate."""
+    producer = value.producer()
+    if producer is None or depth == 0:
+        return False
+    if producer.op_type in OUTLIER_ACTIVATIONS:
+        return True
+    if producer.op_type != "Mul":
+        return False
+    return any(v is not None and _from_activation(v, depth - 1) for v in producer.inputs)
 
 
 def _input(node: ir.Node, index: int | None) -> ir.Value | None:
