@@ -104,6 +104,7 @@ def convert_int8_file(
         inputs=[model_path],
         force=force,
         validate=output_validator(_validation_samples(data, loaded.model)),
+        external_data=loaded.external_data,
     )
     return ConvertSummary(
         input=model_path,
@@ -144,7 +145,12 @@ def convert_int4_file(
     samples = _validation_samples(data, loaded.model)
     result = quantize_int4(loaded.model, config, data, batch_size, progress)
     save_model(
-        result.model, output, inputs=[model_path], force=force, validate=output_validator(samples)
+        result.model,
+        output,
+        inputs=[model_path],
+        force=force,
+        validate=output_validator(samples),
+        external_data=loaded.external_data,
     )
     params = sum(c.shape[0] * c.shape[1] for c in result.quantized)
     counts: dict[str, int] = {}

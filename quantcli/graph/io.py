@@ -33,6 +33,7 @@ class LoadedModel:
     model: ir.Model
     path: Path
     size_bytes: int  # the .onnx file plus its external data files
+    external_data: bool = False  # weights live in files beside the .onnx
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
@@ -54,7 +55,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         _run_checker(path)
     model = ir.load(path, format=PROTOBUF)
     size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
-    return LoadedModel(model=model, path=path, size_bytes=size)
+    return LoadedModel(model=model, path=path, size_bytes=size, external_data=bool(data_files))
 
 
 def _check_path(path: Path) -> None:
@@ -164,14 +165,17 @@ def save_model(
     inputs: list[Path] | None = None,
     force: bool = False,
     validate: Validator | None = None,
+    external_data: bool = False,
 ) -> Path:
     """Write atomically: a temp folder beside the target, validate there, then rename.
 
-    External data goes to `<output>.data` when the weights are too large for one protobuf.
+    Weights go to `<output>.data` when asked (the input had external data: tensors then
+    stream to the file instead of through one big protobuf) or when they are too large for
+    one protobuf.
     """
     output = Path(output)
     check_output_path(output, inputs=inputs or [], force=force)
-    external = weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = external_data or weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external:
         _internalize(model)
     data_name = output.name + ".data" if external else None

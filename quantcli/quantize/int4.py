@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -96,30 +97,70 @@ def quantize_int4(
     nodes = {n.name: n for n in model.graph}
     namer = Namer(model.graph)
     done, skipped = [], []
+    opts = {"block_size": config.block_size, "symmetric": config.symmetric}
     for cand in candidates:
         node = nodes[cand.node]
         if node.op_type == "Gemm" and not _plain_gemm(node):
             skipped.append((cand.node, "Gemm", "Gemm with alpha/beta != 1 kept float"))
             continue
-        w = const_array(node.inputs[1]).astype(np.float32)
+        weight = node.inputs[1]
+        w = const_array(weight).astype(np.float32)
         w = w.T if cand.transposed else w
         if config.algorithm == "gptq":
             h = hessians[node.inputs[0].name]
-            bq = gptq_quantize(w, h, config.block_size, config.symmetric, act_order=True)
+            bq = _by_columns(w, partial(gptq_quantize, hessian=h, act_order=True, **opts))
         else:
-            bq = quantize_rtn(w, config.block_size, config.symmetric)
+            bq = _by_columns(w, partial(quantize_rtn, **opts))
+        del w
         _rewrite(model.graph, node, bq, config, namer)
+        _release(weight)
         done.append(cand)
     for cand in gathers:
         node = nodes[cand.node]
-        table = const_array(node.inputs[0]).astype(np.float32)
-        bq = quantize_rtn(np.ascontiguousarray(table.T), config.block_size, config.symmetric)
+        table = node.inputs[0]
+        transposed = np.ascontiguousarray(const_array(table).astype(np.float32).T)
+        bq = _by_columns(transposed, partial(quantize_rtn, **opts))
         _rewrite_gather(model.graph, node, bq, config, namer)
+        _release(table)
         done.append(cand)
     RemoveUnusedNodesPass()(model)
     if config.format == "matmulnbits" and MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
     return Int4Result(model, done, skipped)
+
+
+# Columns quantize independently (blocks run along K), so large weights go in slices of
+# this many columns: the float64 temporaries of the range search stay small.
+COLUMN_CHUNK = 2048
+
+
+def _by_columns(w: np.ndarray, quantize: Callable[[np.ndarray], BlockQuantized]) -> BlockQuantized:
+    if w.shape[1] <= COLUMN_CHUNK:
+        return quantize(w)
+    parts = [
+        quantize(np.ascontiguousarray(w[:, i : i + COLUMN_CHUNK]))
+        for i in range(0, w.shape[1], COLUMN_CHUNK)
+    ]
+    zeros = (
+        None
+        if parts[0].zero_points is None
+        else np.concatenate([p.zero_points for p in parts], axis=1)
+    )
+    return BlockQuantized(
+        q=np.concatenate([p.q for p in parts], axis=1),
+        scales=np.concatenate([p.scales for p in parts], axis=1),
+        zero_points=zeros,
+        block_size=parts[0].block_size,
+        k=parts[0].k,
+        symmetric=parts[0].symmetric,
+    )
+
+
+def _release(value: ir.Value) -> None:
+    """Unmap an external weight nobody reads any more, so its pages leave our RSS."""
+    tensor = value.const_value
+    if not value.uses() and isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
 
 
 def _plain_gemm(node: ir.Node) -> bool:
