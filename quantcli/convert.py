@@ -12,7 +12,13 @@ from quantcli.calibrate.runner import Progress
 from quantcli.calibrate.table import load_table
 from quantcli.data import DataSource, ImageOptions, open_data
 from quantcli.errors import InputError
-from quantcli.graph.io import check_output_path, file_size, load_model, save_model
+from quantcli.graph.io import (
+    check_model_path,
+    check_output_path,
+    file_size,
+    load_model,
+    save_model,
+)
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.config import Int8Config
 from quantcli.validate import output_validator
@@ -82,6 +88,7 @@ def convert_int8_file(
         )
     if data_spec and table_path:
         raise InputError("pass --data or --calibration, not both")
+    check_model_path(Path(model_path))  # a missing input is the first thing to say
     sources = [model_path, *(Path(p) for p in (data_spec, table_path) if p)]
     check_output_path(output, inputs=sources, force=force)
     loaded = load_model(model_path)
@@ -135,6 +142,7 @@ def convert_int4_file(
     from quantcli.quantize.int8 import check_not_quantized
 
     start = time.perf_counter()
+    check_model_path(Path(model_path))
     sources = [model_path, *([Path(data_spec)] if data_spec else [])]
     check_output_path(output, inputs=sources, force=force)
     loaded = load_model(model_path)

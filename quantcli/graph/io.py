@@ -39,7 +39,7 @@ class LoadedModel:
 def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     """Read an ONNX model, or raise a ModelError that says what is wrong with the file."""
     path = Path(path)
-    _check_path(path)
+    check_model_path(path)
     try:
         proto = onnx.load(str(path), format=PROTOBUF, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -58,7 +58,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     return LoadedModel(model=model, path=path, size_bytes=size, external_data=bool(data_files))
 
 
-def _check_path(path: Path) -> None:
+def check_model_path(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model file {path} does not exist", hint="check the path")
     if path.is_dir():
