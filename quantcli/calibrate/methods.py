@@ -85,7 +85,10 @@ def _percentile(
 
 
 def _entropy(stats: TensorStats, symmetric: bool, num_bits: int, pct: float) -> tuple[float, float]:
-    a = entropy_threshold(stats, num_bits)
+    # An asymmetric range over a one-signed tensor (after ReLU) spends all 2**bits levels on
+    # one side; searching with half of them would clip far too much.
+    one_sided = not symmetric and (stats.min >= 0 or stats.max <= 0)
+    a = entropy_threshold(stats, num_bits + 1 if one_sided else num_bits)
     return -a, a  # asymmetric: _finalize cuts each side at the observed min / max
 
 

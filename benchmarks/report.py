@@ -1,0 +1,287 @@
+"""Render benchmark results as Markdown: one table per measure, plus machine and failures.
+
+python benchmarks/report.py benchmarks/results.json [--tuning benchmarks/tuning.json]
+    [-o docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HIGHER_BETTER = {"perplexity": False, "kl": False}
+
+
+def table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows] + [""]
+
+
+def status(c: dict[str, Any]) -> str:
+    s = c.get("status", "")
+    return "" if s == "ok" else s
+
+
+def machine(meta: dict[str, Any]) -> list[str]:
+    m, v = meta["machine"], meta["versions"]
+    flags = ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in m["flags"].items())
+    return [
+        f"- Date: {meta['date']} (whole run {meta.get('total_s', '?')} s)",
+        f"- CPU: {m['cpu']}, {m['cores']} cores, {m.get('memory_gb', '?')} GB; {flags}",
+        f"- OS: {m.get('os', '?')}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- Sessions: CPUExecutionProvider, intra-op threads {meta['threads']}, "
+        f"{meta['latency_rounds']} interleaved latency rounds",
+        f"- Command: `{meta['command']}`",
+        "",
+    ]
+
+
+def models_table(models: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, e in models.items():
+        i = e.get("info")
+        if not i:
+            rows.append([name, e["title"], e.get("skipped", "no info.json"), "", "", "", "", ""])
+            continue
+        ops = ", ".join(f"{k} {n}" for k, n in list(i["ops"].items())[:7])
+        rows.append(
+            [
+                name,
+                e["title"],
+                i.get("exporter", "?"),
+                i["opsets"].get("ai.onnx"),
+                f"{i['file_bytes'] / 1e6:.1f}",
+                f"{i['initializer_params'] / 1e6:.2f} M / {i['constant_node_params']}",
+                f"{i.get('calib_samples', '?')} / {i.get('eval_samples', '?')}",
+                ops,
+            ]
+        )
+    head = [
+        "model",
+        "source",
+        "exporter",
+        "opset",
+        "MB",
+        "params in initializers / Constant",
+        "calib / eval",
+        "most frequent ops",
+    ]
+    return table(head, rows)
+
+
+def legend(models: dict[str, Any]) -> list[str]:
+    """Each contender's ORT recipe or quantcli arguments, as run (MODEL/CALIB are the files)."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for name, e in models.items():
+        for cn, c in e["contenders"].items():
+            if c["tool"] == "float":
+                continue
+            how = c["recipe"]
+            text = (
+                f"quantcli {' '.join(how)} -o OUT.onnx"
+                if c["tool"] == "quantcli"
+                else json.dumps(how)
+            )
+            seen.setdefault((cn, text), []).append(name)
+    rows = [[cn, ", ".join(ms), f"`{text}`"] for (cn, text), ms in seen.items()]
+    return table(["contender", "models", "ORT recipe (benchmarks/ort_tool.py) or command"], rows)
+
+
+def accuracy(models: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, e in models.items():
+        cs = e["contenders"]
+        keys = next((list(c["metrics"]) for c in cs.values() if "metrics" in c), [])
+        if not keys:
+            continue
+        rows = [
+            [cn, *[c.get("metrics", {}).get(k, "") for k in keys], status(c)]
+            for cn, c in cs.items()
+        ]
+        out += [f"**{name}** ({e['title']})", "", *table(["contender", *keys, "status"], rows)]
+    return out
+
+
+def latency(models: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, e in models.items():
+        for cn, c in e["contenders"].items():
+            for wl, v in c.get("latency", {}).items():
+                rows.append(
+                    [name, cn, wl, v["median_ms"], v["iqr_ms"], f"{v['ratio_to_float']:.2f}x"]
+                )
+    return table(["model", "contender", "call", "median ms", "IQR ms", "vs float"], rows)
+
+
+def size_and_convert(models: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, e in models.items():
+        base = e["contenders"].get("float", {}).get("size_bytes")
+        for cn, c in e["contenders"].items():
+            conv = c.get("convert", {})
+            size = c.get("size_bytes")
+            rows.append(
+                [
+                    name,
+                    cn,
+                    f"{size / 1e6:.2f}" if size else "",
+                    f"{size / base:.2f}x" if size and base else "",
+                    conv.get("wall_s", ""),
+                    conv.get("peak_rss_mb", ""),
+                    conv.get("error", "") if not conv.get("ok", True) else "",
+                ]
+            )
+    head = ["model", "contender", "MB", "vs float", "convert s", "convert peak RSS MB", "error"]
+    return table(head, rows)
+
+
+def calibration(models: dict[str, Any]) -> list[str]:
+    rows = [
+        [name, r["tool"], r["samples"], r["wall_s"], r["peak_rss_mb"], r.get("error", "")]
+        for name, e in models.items()
+        for r in e.get("calibration", [])
+    ]
+    if not rows:
+        return ["(not measured in this run)", ""]
+    return table(["model", "calibrator", "samples", "wall s", "peak RSS MB", "error"], rows)
+
+
+def compare_checks(models: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, m in models.items():
+        c = m.get("compare_check")
+        if not c:
+            continue
+        if "error" in c:
+            rows.append([name, "error", str(c["error"]), "", "", ""])
+            continue
+        for key in ("float", "quantcli"):
+            a, b = c["compare"]["latency_ms"][key], c["harness"]["latency_ms"][key]
+            rows.append([name, f"latency median ms ({key})", a, b, f"{a / b:.2f}", ""])
+        for key in ("top1_agreement", "accuracy"):
+            if c["harness"][key] is not None:
+                rows.append([name, key, c["compare"][key], c["harness"][key], "", ""])
+    if not rows:
+        return []
+    head = ["model", "measure", "quantcli compare", "this harness", "ratio", ""]
+    intro = [
+        "",
+        "## `quantcli compare` checked against this harness",
+        "",
+        "The same quantized model measured by `quantcli compare --json` and by the "
+        "harness's own evaluation and timing loop (different code, same data).",
+        "",
+    ]
+    return intro + table(head, rows)
+
+
+def failures(res: dict[str, Any]) -> list[str]:
+    if not res["failures"]:
+        return ["None.", ""]
+    rows = [[f["model"], f["contender"], f["stage"], f["error"]] for f in res["failures"]]
+    return table(["model", "contender", "stage", "error (last line, as it happened)"], rows)
+
+
+def tuning(tune: dict[str, Any]) -> list[str]:
+    out = [
+        "Each candidate was measured once with `run.py --tune`; the kept ones are `TUNED`, "
+        "`TUNED_W8` and `TUNED_INT4` in `benchmarks/contenders.py`.",
+        f"Run: {tune['meta']['date']}; `{tune['meta']['command']}`",
+        "",
+    ]
+    for name, e in tune["models"].items():
+        cs = e["contenders"]
+        keys = next((list(c["metrics"]) for c in cs.values() if "metrics" in c), [])
+        calls = next((list(c["latency"]) for c in cs.values() if "latency" in c), [])
+        rows = []
+        for cn, c in cs.items():
+            lat = c.get("latency", {})
+            recipe = json.dumps(c["recipe"]) if c["tool"] == "ort" else ""
+            rows.append(
+                [
+                    cn,
+                    *[c.get("metrics", {}).get(k, "") for k in keys],
+                    *[f"{lat[w]['ratio_to_float']:.2f}x" if w in lat else "" for w in calls],
+                    status(c),
+                    recipe,
+                ]
+            )
+        head = ["candidate", *keys, *[f"latency {w} vs float" for w in calls], "status", "recipe"]
+        out += [f"**{name}**", "", *table(head, rows)]
+    return out
+
+
+def render(res: dict[str, Any], tune: dict[str, Any] | None) -> str:
+    m = res["models"]
+    lines = [
+        "# Benchmarks: quantcli vs ONNX Runtime's quantizer",
+        "",
+        "Generated by `benchmarks/report.py` from a real run of `benchmarks/run.py`; "
+        "how to reproduce: `benchmarks/README.md`.",
+        "",
+        "## Machine",
+        "",
+        *machine(res["meta"]),
+        "## Models and data",
+        "",
+        *models_table(m),
+        "## Contenders",
+        "",
+        "`ort-default`: ONNX Runtime's quantizer as its documentation shows it (static = "
+        "`quant_pre_process` + `quantize_static`, QDQ, MinMax over the whole calibration set, "
+        "batch 1; dynamic = `quantize_dynamic`); `ort-tuned`: "
+        "the best of a few settings measured once (last section); `ort-tuned-w8`: "
+        "weight-only INT8 (MatMulNBits, bits=8), a different trade-off for transformers; "
+        "`*-int4`: weight-only INT4, block 32. quantcli runs as a CLI in its own process.",
+        "",
+        *legend(m),
+        "## Task accuracy (quantized vs float on the evaluation set)",
+        "",
+        *accuracy(m),
+        "## Latency (batch 1, same process, interleaved rounds)",
+        "",
+        *latency(m),
+        "## File size and conversion (each tool in its own process)",
+        "",
+        *size_and_convert(m),
+        "## Calibration time and memory (each run in its own process)",
+        "",
+        *calibration(m),
+        *compare_checks(m),
+        "## Failures",
+        "",
+        *failures(res),
+    ]
+    if tune:
+        lines += ["## How ort-tuned was chosen", "", *tuning(tune)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--tuning", type=Path, nargs="*", help="results of `run.py --tune`")
+    ap.add_argument("-o", "--out", type=Path, help="Markdown file (default: stdout)")
+    args = ap.parse_args()
+    res = json.loads(args.results.read_text())
+    tune = None
+    for path in args.tuning or []:  # later files win per model
+        part = json.loads(path.read_text())
+        tune = part if tune is None else tune | {"models": tune["models"] | part["models"]}
+    text = render(res, tune)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
