@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+from conftest import run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -15,7 +16,6 @@ from quantcli.graph.passes import FoldConstantTransformsPass, FoldPadIntoConvPas
 from quantcli.quantize.int4 import Int4Config, quantize_int4
 from quantcli.quantize.int4_math import quantize_rtn
 from quantcli.quantize.math import QParams, activation_qparams, clamps_within
-from tests.conftest import run_ort
 
 RNG = np.random.default_rng(0)
 

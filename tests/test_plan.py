@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import Tiny
+from conftest import Tiny, conv_net
 from onnx import numpy_helper
 
 from quantcli.convert import convert_int8_file
@@ -186,3 +186,20 @@ def test_per_tensor_activation_params_are_scalars(tiny: Tiny) -> None:
     assert quantizers
     for q in quantizers:
         assert c.inits[q.input[1]].ndim == 0 and c.inits[q.input[2]].ndim == 0, q.input[0]
+
+
+def test_include_forces_an_op_type_outside_the_selection_and_unmatched_patterns_are_listed(
+    tiny,
+) -> None:
+    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.prepare import prepare_for_int8
+
+    proto = conv_net()
+    names = [n.name for n in proto.graph.node]
+    conv = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+    model = ir.from_proto(proto)
+    config = Int8Config(format="qdq", op_types=("MaxPool",), include=(conv, "no-such-node"))
+    _, plan = prepare_for_int8(model, config)
+    assert conv in [n.node for n in plan.nodes]
+    assert plan.unmatched == ["no-such-node"]
+    assert "no-such-node" not in names

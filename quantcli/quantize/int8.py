@@ -96,6 +96,10 @@ def quantize_int8(
     return result
 
 
+def _pattern_warnings(plan: Plan) -> list[str]:
+    return [f"--include/--exclude pattern '{p}' matches no node" for p in plan.unmatched]
+
+
 def _table(
     loaded: LoadedModel,
     model: ir.Model,
@@ -149,4 +153,6 @@ def _result(model: ir.Model, plan: Plan) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
     counts.update(f"{op} (dynamic)" for _, op in plan.dynamic)
     counts.update(f"{op} (blockwise int8)" for _, op in plan.blockwise)
-    return Int8Result(model, plan, dict(sorted(counts.items())), list(plan.skipped))
+    return Int8Result(
+        model, plan, dict(sorted(counts.items())), list(plan.skipped), _pattern_warnings(plan)
+    )

@@ -61,6 +61,7 @@ class Plan:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, reason
     dynamic: list[tuple[str, str]] = field(default_factory=list)  # (node, op): dynamic int8
     blockwise: list[tuple[str, str]] = field(default_factory=list)  # MatMulNBits 8-bit
+    unmatched: list[str] = field(default_factory=list)  # --include/--exclude matching no node
 
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
@@ -105,6 +106,12 @@ class _Planner:
         readers = self._quantized_readers(candidates)
         for node in candidates:
             self._plan_node(node, readers)
+        names = [n.name or "" for n in self.graph]
+        self.plan.unmatched = [
+            p
+            for p in (*self.config.include, *self.config.exclude)
+            if not any(fnmatch.fnmatchcase(n, p) for n in names)
+        ]
         for name, axes in sorted(self.weight_axes.items()):
             axis = next(iter(axes)) if len(axes) == 1 else None
             role = self.plan.weights[name].role
@@ -119,9 +126,9 @@ class _Planner:
 
     def _candidate(self, node: ir.Node) -> bool:
         rule = rule_for(node)
-        if rule is None or node.op_type not in self.types:
-            return False
         name, forced = node.name or "", _matches(node.name or "", self.config.include)
+        if rule is None or (node.op_type not in self.types and not forced):
+            return False
         if _matches(name, self.config.exclude):
             return self._skip(node, "excluded by --exclude")
         if not _is_float(node.inputs[0] if node.inputs else None):

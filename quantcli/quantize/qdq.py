@@ -127,9 +127,10 @@ class QDQPass(ir.passes.InPlacePass):
             w_qp = weights[node_plan.weight]
             bias_index = 2
             has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-            b = const_array(node.inputs[2]) if has_bias else np.zeros(_out_channels(node, w))
-            if b is None or not node_plan.inputs:
-                continue
+            channels = _out_channels(node, w)
+            b = const_array(node.inputs[2]) if has_bias else np.zeros(channels)
+            if b is None or b.shape != (channels,) or not node_plan.inputs:
+                continue  # a broadcast Gemm bias ([1, N], scalar) stays float
             shift = self._mean_shift(node, node_plan.inputs[0], w, w_qp)
             if shift is None and not has_bias:
                 continue
@@ -138,7 +139,8 @@ class QDQPass(ir.passes.InPlacePass):
             qp = bias_qparams(in_qp.scale, w_qp.scale)
             q = np.clip(np.rint(corrected / qp.scale), -(2**31), 2**31 - 1).astype(np.int32)
             base = node_plan.bias or f"{node.name}.bias"
-            dq = self._dq_node(graph, f"{base}_{node.name}", q, qp, w_qp_dtype(graph, node_plan))
+            dtype = graph.initializers[node_plan.weight].dtype  # biases share the weight's type
+            dq = self._dq_node(graph, f"{base}_{node.name}", q, qp, dtype)
             if not has_bias:
                 node.resize_inputs(3)
             node.replace_input_with(bias_index, dq)
@@ -152,9 +154,9 @@ class QDQPass(ir.passes.InPlacePass):
             return None
         error = dequantize(quantize(w, w_qp), w_qp).astype(np.float64) - w
         if node.op_type == "Gemm":
-            if mean.size != error.shape[1 if node.attributes.get_int("transB", 0) else 0]:
+            trans = node.attributes.get_int("transB", 0)  # weight [N, K] if set, else [K, N]
+            if mean.size != error.shape[1 if trans else 0]:
                 return None
-            trans = node.attributes.get_int("transB", 0)
             return error @ mean if trans else mean @ error
         groups = node.attributes.get_int("group", 1)
         per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [M, C/g]
@@ -236,8 +238,3 @@ def _out_channels(node: ir.Node, w: np.ndarray) -> int:
     if node.op_type == "Gemm":
         return w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
     return w.shape[0]
-
-
-def w_qp_dtype(graph: ir.Graph, node_plan: object) -> ir.DataType:
-    """Biases dequantize to the weight's float type."""
-    return graph.initializers[node_plan.weight].dtype  # type: ignore[attr-defined]
