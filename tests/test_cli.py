@@ -205,3 +205,26 @@ def test_installed_script_failing_convert(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert "missing.onnx does not exist" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_compare_says_slower_when_the_quantized_model_is_slower() -> None:
+    from quantcli.cli.compare_cmd import render
+
+    doc = {
+        "outputs": [],
+        "models": {"float": {"size_bytes": 100}, "quant": {"size_bytes": 50}, "size_ratio": 0.5},
+        "latency": {
+            "speedup": 0.5,
+            "speedup_q1": 0.4,
+            "speedup_q3": 0.6,
+            "float": {"median_ms": 1.0, "p90_ms": 1.1, "runs": 3},
+            "quant": {"median_ms": 2.0, "p90_ms": 2.2, "runs": 3},
+        },
+        "gates": [],
+    }
+    from quantcli.cli import common
+
+    with common.out.capture() as captured:
+        render(doc)
+    text = captured.get()
+    assert "2.00x slower" in text and "faster" not in text

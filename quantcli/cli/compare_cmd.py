@@ -187,13 +187,14 @@ def render(doc: dict[str, Any]) -> None:
     ]
     if lat:
         speed = lat["speedup"]
+        verdict = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
         colour = "green" if speed >= 1 else "red"
         rows.append(
             [
                 "latency median ms",
                 _fmt(lat["float"]["median_ms"]),
                 _fmt(lat["quant"]["median_ms"]),
-                f"[{colour}]{speed:.2f}x faster[/{colour}]",
+                f"[{colour}]{verdict}[/{colour}]",
             ]
         )
         rows.append(
