@@ -221,3 +221,23 @@ def progress_bar(description: str, total: int) -> Any:
         progress.update(task, completed=done, total=total_, rate=rate)
 
     return progress, update
+
+
+def print_table(title: str, head: list[str], rows: list[list[str]]) -> None:
+    """A titled rich table on stdout; cells are escaped ("[batch, 3]" is no markup) unless
+    they carry colour markup on purpose (a cell starting with "[green]" or "[red]")."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(head):
+        table.add_column(col, justify="right" if i and col in ("count", "nodes") else "left")
+    for row in rows:
+        table.add_row(
+            *(c if c.startswith(("[green]", "[red]", "[yellow]")) else escape(c) for c in row)
+        )
+    out.print(table)
+
+
+def count_rows(counts: dict[str, int]) -> list[list[str]]:
+    return [[key, str(count)] for key, count in counts.items()]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from quantcli.cli.calibrate_cmd import _Bar
 from quantcli.cli.common import (
@@ -19,6 +18,7 @@ from quantcli.cli.common import (
     out,
     parse_preprocess,
     print_json,
+    print_table,
     warn,
 )
 
@@ -175,7 +175,7 @@ def _accuracy_rows(doc: dict[str, Any]) -> list[list[str]]:
 def render(doc: dict[str, Any]) -> None:
     from quantcli.report.markdown import gate_rows, layer_rows
 
-    _table("Accuracy", ["metric", "float", "quantized", "delta"], _accuracy_rows(doc))
+    print_table("Accuracy", ["metric", "float", "quantized", "delta"], _accuracy_rows(doc))
     size, lat = doc["models"], doc.get("latency")
     rows = [
         [
@@ -200,14 +200,14 @@ def render(doc: dict[str, Any]) -> None:
         rows.append(
             ["latency p90 ms", _fmt(lat["float"]["p90_ms"]), _fmt(lat["quant"]["p90_ms"]), ""]
         )
-    _table("Size and speed", ["measure", "float", "quantized", "ratio"], rows)
+    print_table("Size and speed", ["measure", "float", "quantized", "ratio"], rows)
     if lat:
         out.print(
             f"speedup interquartile {lat['speedup_q1']:.2f}-{lat['speedup_q3']:.2f} over "
             f"{lat['float']['runs']} interleaved runs each"
         )
     if doc.get("layers"):
-        _table(
+        print_table(
             "Per-layer SQNR (worst first)",
             ["#", "tensor", "op", "SQNR dB", "cosine"],
             layer_rows(doc["layers"]),
@@ -217,13 +217,4 @@ def render(doc: dict[str, Any]) -> None:
             [*r[:3], "[green]pass[/green]" if r[3] == "pass" else "[red]FAIL[/red]"]
             for r in gate_rows(doc)
         ]
-        _table("Gates", ["gate", "threshold", "value", "verdict"], colored)
-
-
-def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in head:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+        print_table("Gates", ["gate", "threshold", "value", "verdict"], colored)

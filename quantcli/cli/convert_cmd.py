@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from quantcli.calibrate.config import DEFAULT_METHOD
 from quantcli.cli.calibrate_cmd import MethodOpt, PercentileOpt, _Bar
@@ -22,11 +22,13 @@ from quantcli.cli.common import (
     OpTypesOpt,
     OutputOpt,
     PreprocessOpt,
+    count_rows,
     handle_errors,
     op_selection,
     out,
     parse_preprocess,
     print_json,
+    print_table,
     warn,
 )
 from quantcli.errors import InputError
@@ -216,20 +218,7 @@ def render(doc: dict[str, Any]) -> None:
         f"({ratio:.2f}x) in {doc['seconds']:.1f} s"
     )
     out.print(escape(text))
-    table = Table(title="Quantized nodes", title_justify="left")
-    table.add_column("op type")
-    table.add_column("nodes", justify="right")
-    for op, count in doc["quantized"].items():
-        table.add_row(op, str(count))
-    out.print(table)
+    print_table("Quantized nodes", ["op type", "nodes"], count_rows(doc["quantized"]))
     if doc["float"]:
-        reasons: dict[str, int] = {}
-        for entry in doc["float"]:
-            key = f"{entry['op_type']}: {entry['reason']}"
-            reasons[key] = reasons.get(key, 0) + 1
-        left = Table(title="Left in float", title_justify="left")
-        left.add_column("why")
-        left.add_column("nodes", justify="right")
-        for key, count in reasons.items():
-            left.add_row(escape(key), str(count))
-        out.print(left)
+        reasons = Counter(f"{e['op_type']}: {e['reason']}" for e in doc["float"])
+        print_table("Left in float", ["why", "nodes"], count_rows(dict(reasons)))

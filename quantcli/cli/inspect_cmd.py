@@ -7,7 +7,15 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from quantcli.cli.common import JsonOpt, ModelArg, handle_errors, out, print_json
+from quantcli.cli.common import (
+    JsonOpt,
+    ModelArg,
+    count_rows,
+    handle_errors,
+    out,
+    print_json,
+    print_table,
+)
 
 
 @handle_errors
@@ -61,19 +69,9 @@ def render(info: dict[str, Any]) -> None:
     out.print(summary)
     out.print(_io_table("Inputs", info["inputs"]))
     out.print(_io_table("Outputs", info["outputs"]))
-    ops = Table(title="Op types", title_justify="left")
-    ops.add_column("op")
-    ops.add_column("count", justify="right")
-    for op, count in info["op_types"].items():
-        ops.add_row(escape(op), str(count))
-    out.print(ops)
+    print_table("Op types", ["op", "count"], count_rows(info["op_types"]))
     int8 = info["int8"]
-    plan = Table(title="INT8 plan (defaults)", title_justify="left")
-    plan.add_column("quantized op")
-    plan.add_column("nodes", justify="right")
-    for op, count in int8["by_op_type"].items():
-        plan.add_row(op, str(count))
-    out.print(plan)
+    print_table("INT8 plan (defaults)", ["quantized op", "nodes"], count_rows(int8["by_op_type"]))
     for entry in int8["float"]:
         line = f"  left float: {entry['name']} ({entry['op_type']}): {entry['reason']}"
         out.print(escape(line))
