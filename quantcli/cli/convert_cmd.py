@@ -109,8 +109,12 @@ def convert(
         ),
     ] = False,
     accuracy_level: Annotated[
-        int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level (0-4).")
-    ] = 0,
+        int,
+        typer.Option(
+            "--accuracy-level",
+            help="INT4 MatMulNBits accuracy_level: 4 int8 activations (fast), 0 float.",
+        ),
+    ] = 4,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
