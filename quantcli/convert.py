@@ -138,8 +138,8 @@ def convert_int4_file(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConvertSummary:
+    from quantcli.quantize.detect import check_not_quantized
     from quantcli.quantize.int4 import quantize_int4
-    from quantcli.quantize.int8 import check_not_quantized
 
     start = time.perf_counter()
     check_model_path(Path(model_path))

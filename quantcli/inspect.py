@@ -10,24 +10,9 @@ import onnx_ir as ir
 from quantcli.graph.io import LoadedModel
 from quantcli.graph.signature import TensorSpec, input_specs, output_specs
 from quantcli.quantize.config import Int8Config
+from quantcli.quantize.detect import quantization_state
 from quantcli.quantize.int4_plan import int4_candidates
 from quantcli.quantize.prepare import prepare_for_int8
-
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-QOPERATOR_OPS = {
-    "QLinearConv",
-    "QLinearMatMul",
-    "QLinearAdd",
-    "QLinearMul",
-    "QLinearConcat",
-    "QLinearGlobalAveragePool",
-    "QGemm",
-    "MatMulInteger",
-    "ConvInteger",
-    "DynamicQuantizeMatMul",
-    "DynamicQuantizeLinear",
-}
-INT4_OPS = {"MatMulNBits"}
 
 
 def _spec_dict(spec: TensorSpec) -> dict[str, Any]:
@@ -55,18 +40,6 @@ def _parameters(model: ir.Model) -> dict[str, dict[str, int]]:
         entry["count"] += tensor.size
         entry["bytes"] += tensor.nbytes
     return dict(sorted(by_dtype.items()))
-
-
-def quantization_state(op_types: set[str]) -> list[str]:
-    """Which quantized forms a model already contains."""
-    state = []
-    if op_types & QDQ_OPS:
-        state.append("QDQ")
-    if op_types & QOPERATOR_OPS:
-        state.append("QOperator")
-    if op_types & INT4_OPS:
-        state.append("MatMulNBits")
-    return state
 
 
 def inspect_model(loaded: LoadedModel) -> dict[str, Any]:

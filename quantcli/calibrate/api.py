@@ -11,7 +11,7 @@ from quantcli.data import DataSource, ImageOptions, open_data
 from quantcli.graph.io import load_model
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.config import Int8Config
-from quantcli.quantize.int8 import check_not_quantized
+from quantcli.quantize.detect import check_not_quantized
 from quantcli.quantize.prepare import prepare_for_int8
 
 

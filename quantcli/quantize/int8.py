@@ -15,6 +15,7 @@ from quantcli.data import DataSource
 from quantcli.errors import InputError
 from quantcli.graph.io import LoadedModel
 from quantcli.quantize.config import Int8Config
+from quantcli.quantize.detect import check_not_quantized
 from quantcli.quantize.plan import Plan
 from quantcli.quantize.prepare import prepare_for_int8
 from quantcli.quantize.qdq import QDQPass
@@ -29,25 +30,6 @@ class Int8Result:
     quantized_by_type: dict[str, int]
     float_nodes: list[tuple[str, str, str]]  # node, op type, reason
     warnings: list[str] = field(default_factory=list)
-
-
-def check_not_quantized(model: ir.Model) -> None:
-    kinds = {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "QLinearConv",
-        "QLinearMatMul",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulNBits",
-        "DynamicQuantizeLinear",
-    }
-    found = sorted({n.op_type for n in model.graph if n.op_type in kinds})
-    if found:
-        raise InputError(
-            f"the model is already quantized (it has {', '.join(found)})",
-            hint="pass the float model",
-        )
 
 
 def quantize_int8(
