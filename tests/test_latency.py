@@ -64,6 +64,16 @@ def test_runs_interleave_and_alternate_order():
     assert sum(ticks) == 4
 
 
+def test_blocks_take_turns_and_rewarm_untimed() -> None:
+    calls: list[str] = []
+    f_ns, q_ns = time_interleaved(
+        lambda: calls.append("f"), lambda: calls.append("q"), 4, 0, block=2
+    )
+    # each turn: one untimed call, then two timed ones; the order flips every turn
+    assert calls == ["f"] * 3 + ["q"] * 3 + ["q"] * 3 + ["f"] * 3
+    assert len(f_ns) == len(q_ns) == 4
+
+
 class FakeSession:
     def __init__(self) -> None:
         self.feeds: list[dict] = []
@@ -77,7 +87,7 @@ def test_measure_latency_uses_fixed_feed():
     fs, qs = FakeSession(), FakeSession()
     feed = {"x": np.ones((2, 3), np.float32)}
     c = measure_latency(fs, qs, feed, batch_size=2, runs=5, warmup=2, threads=3)
-    assert len(fs.feeds) == len(qs.feeds) == 7
+    assert len(fs.feeds) == len(qs.feeds) == 2 + 1 + 5  # warm-up, cache re-warm, timed
     assert all(f["x"] is feed["x"] for f in fs.feeds + qs.feeds)
     assert c.float_stats.runs == 5 and c.float_stats.batch_size == 2
     assert c.warmup == 2 and c.threads == 3
