@@ -172,12 +172,22 @@ def compare_checks(models: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     head = ["model", "measure", "quantcli compare", "this harness", "ratio", ""]
+    runs = sorted(
+        {c["run"] for m in models.values() if (c := m.get("compare_check", {})).get("run")}
+    )
+    where = (
+        f" From a later run ({', '.join(runs)}) of `benchmarks/run.py --models "
+        "mnist,digits_sample,efficientnet --no-calib`, made after compare's timing changed; "
+        "both columns come from that run."
+        if runs
+        else ""
+    )
     intro = [
         "",
         "## `quantcli compare` checked against this harness",
         "",
         "The same quantized model measured by `quantcli compare --json` and by the "
-        "harness's own evaluation and timing loop (different code, same data).",
+        "harness's own evaluation and timing loop (different code, same data)." + where,
         "",
     ]
     return intro + table(head, rows)
