@@ -129,6 +129,9 @@ def compare_check(f: Any, quant: Path, entry: dict, args: argparse.Namespace) ->
         return {"error": done.stderr.strip().splitlines()[-1:]}
     doc = json.loads(done.stdout)
     cls = doc["outputs"][0]["classifier"]
+    plain = {
+        k: plain_loop(p, f.eval, args.threads) for k, p in (("float", f.model), ("quantcli", quant))
+    }
     ours = entry["contenders"]["quantcli"]["metrics"]
     harness_lat = {
         k: entry["contenders"][k]["latency"]["batch1"]["median_ms"] for k in ("float", "quantcli")
@@ -149,7 +152,23 @@ def compare_check(f: Any, quant: Path, entry: dict, args: argparse.Namespace) ->
             "accuracy": ours.get("accuracy"),
             "latency_ms": harness_lat,
         },
+        "plain_loop_ms": plain,
     }
+
+
+def plain_loop(model: Path, eval_npz: Path, threads: int, calls: int = 60) -> float:
+    """Median ms of back-to-back calls on the first sample: the simplest timing loop."""
+    sess = open_session(model, threads)
+    with np.load(eval_npz) as z:
+        feed = {i.name: z[i.name][:1] for i in sess.get_inputs()}
+    for _ in range(5):
+        sess.run(None, feed)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1e3)
+    return round(float(np.median(times)), 4)
 
 
 def bench_calibration(name: str, f: Any, args: argparse.Namespace, res: dict) -> list[dict]:
