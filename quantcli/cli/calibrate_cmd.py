@@ -103,14 +103,7 @@ def calibrate(
     )
     if source.synthetic:
         warn("random data: ranges are not representative; use real samples for a real model")
-    from quantcli.calibrate.table import save_table
-
-    save_table(table, output)
-    summary = table_summary(table, output)
-    if json_:
-        print_json(summary)
-    else:
-        render(summary)
+    _save_and_report(table, output, json_)
 
 
 class _Bar:
@@ -192,12 +185,18 @@ def merge(
     json_: JsonOpt = False,
 ) -> None:
     """Merge shard tables into exactly the table one run over all their samples gives."""
-    from quantcli.calibrate.table import load_table, merge_tables, save_table
+    from quantcli.calibrate.table import load_table, merge_tables
 
     _check_output(output, force, tables)
-    merged = merge_tables([load_table(p) for p in tables])
-    save_table(merged, output)
-    summary = table_summary(merged, output)
+    _save_and_report(merge_tables([load_table(p) for p in tables]), output, json_)
+
+
+def _save_and_report(table: Any, output: Path, json_: bool) -> None:
+    """Write the table atomically, then print its summary (JSON or a rich table)."""
+    from quantcli.calibrate.table import save_table
+
+    save_table(table, output)
+    summary = table_summary(table, output)
     if json_:
         print_json(summary)
     else:
