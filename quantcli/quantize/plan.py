@@ -25,12 +25,10 @@ from quantcli.quantize.rules import (
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # Measured on real models (docs/int8.md): the compute-heavy ops, and data movement between
 # them, keep accuracy and gain speed; quantizing every elementwise op costs accuracy.
-DEFAULT_OP_TYPES = (
-    "Conv",
-    "ConvTranspose",
-    "MatMul",
-    "Gemm",
-    *(op for op, rule in RULES.items() if rule.output is Output.SHARED and op != "Gather"),
+DEFAULT_OP_TYPES = tuple(
+    op
+    for op, rule in RULES.items()
+    if rule.heavy or (rule.output is Output.SHARED and op != "Gather")
 )
 
 
