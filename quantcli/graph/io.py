@@ -53,7 +53,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     if check:
         _check_domains(proto)
         _run_checker(path)
-    model = ir.load(path, format=PROTOBUF)
+    # Reuse the proto parsed above (ir.load would parse the file a second time); external
+    # tensors stay references resolved against the model's folder and are memory-mapped.
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
     size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     return LoadedModel(model=model, path=path, size_bytes=size, external_data=bool(data_files))
 
