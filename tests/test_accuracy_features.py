@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.calibrate.channel_mean import ChannelMean
+from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.passes import FoldConstantTransformsPass, FoldPadIntoConvPass
 from quantcli.quantize.int4 import Int4Config, quantize_int4
 from quantcli.quantize.int4_math import quantize_rtn
@@ -93,7 +93,7 @@ def test_channel_means_merge_equals_one_pass(batch_sizes: list[int], seed: int) 
     batches = [rng.standard_normal((b, 3, 4)).astype(np.float32) for b in batch_sizes]
     parts = []
     for batch in batches:
-        m = ChannelMean(axis=1)
+        m = ChannelStats(axis=1)
         m.update(batch)
         parts.append(m)
     merged = parts[0]
@@ -102,7 +102,7 @@ def test_channel_means_merge_equals_one_pass(batch_sizes: list[int], seed: int) 
     everything = np.concatenate(batches)
     expected = everything.astype(np.float64).mean(axis=(0, 2))
     np.testing.assert_allclose(merged.mean, expected, rtol=1e-9, atol=1e-12)
-    again = ChannelMean.from_dict(merged.to_dict())
+    again = ChannelStats.from_dict(merged.to_dict())
     np.testing.assert_array_equal(again.mean, merged.mean)
 
 
@@ -203,7 +203,7 @@ def test_blockwise_int8_packing_round_trips_and_matches_ort() -> None:
     np.testing.assert_allclose(run_ort(proto, {"x": x})[0], x @ deq, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_sends_gelu_fed_matmuls_to_blockwise_int8(tiny) -> None:
+def test_auto_plans_gelu_fed_matmuls_smoothed_or_blockwise(tiny) -> None:
     from quantcli.quantize.config import Int8Config
     from quantcli.quantize.prepare import prepare_for_int8
 
@@ -223,7 +223,12 @@ def test_auto_sends_gelu_fed_matmuls_to_blockwise_int8(tiny) -> None:
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     _, plan = prepare_for_int8(ir.from_proto(proto), Int8Config())
+    assert plan.dynamic == [("up", "MatMul"), ("down", "MatMul")]
+    assert plan.smooth_inputs == ["x", "g"]
+    assert plan.channel_axes() == {"x": -1, "g": -1}
+    _, plan = prepare_for_int8(ir.from_proto(proto), Int8Config(smooth=False))
     assert plan.dynamic == [("up", "MatMul")]
     assert plan.blockwise == [("down", "MatMul")]
+    assert plan.channel_axes() == {}
     _, qdq = prepare_for_int8(ir.from_proto(proto), Int8Config(format="qdq"))
     assert ("down", "MatMul") not in [(n.node, n.op_type) for n in qdq.nodes]

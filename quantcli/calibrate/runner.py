@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.calibrate.channel_mean import ChannelMean
+from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.observers import TensorStats
 from quantcli.calibrate.table import CalibrationTable, model_fingerprint
@@ -56,23 +56,23 @@ def collect_stats(
     progress: Progress | None = None,
     provider: str = "cpu",
     channel_axes: dict[str, int] | None = None,
-) -> tuple[dict[str, TensorStats], dict[str, ChannelMean]]:
+) -> tuple[dict[str, TensorStats], dict[str, ChannelStats]]:
     """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`,
-    and per-channel means of those named in `channel_axes`."""
+    and per-channel statistics of those named in `channel_axes`."""
     stats = {name: TensorStats() for name in tensors}
-    means = {name: ChannelMean(axis) for name, axis in (channel_axes or {}).items()}
+    channels = {name: ChannelStats(axis) for name, axis in (channel_axes or {}).items()}
 
     def update(values: dict[str, np.ndarray], indices: range) -> None:
         for name, array in values.items():
             _check_finite(name, array, indices)
             if name in stats:
                 stats[name].update(array)
-            if name in means:
-                means[name].update(array)
+            if name in channels:
+                channels[name].update(array)
 
-    exposed = tensors + [t for t in means if t not in stats]  # shared-scale inputs too
+    exposed = tensors + [t for t in channels if t not in stats]  # shared-scale inputs too
     run_exposed(model, exposed, data, update, batch_size, progress, provider)
-    return stats, means
+    return stats, channels
 
 
 class _exposed:
@@ -117,7 +117,7 @@ def calibrate_model(
     channel_axes: dict[str, int] | None = None,
 ) -> CalibrationTable:
     """A full calibration table for a prepared model's planned tensors."""
-    stats, means = collect_stats(
+    stats, channels = collect_stats(
         model, tensors, data, config.batch_size, progress, channel_axes=channel_axes
     )
     table = CalibrationTable(
@@ -129,7 +129,7 @@ def calibrate_model(
         samples=data.num_samples,
         stats=stats,
         shard=config.shard,
-        means=means,
+        channels=channels,
     )
     table.compute_ranges()
     return table

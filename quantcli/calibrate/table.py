@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from quantcli.calibrate.channel_mean import ChannelMean
+from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.calibrate.methods import choose_range
 from quantcli.calibrate.observers import TensorStats
 from quantcli.errors import InputError
@@ -54,7 +54,7 @@ class CalibrationTable:
     stats: dict[str, TensorStats]
     shard: tuple[int, int] | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    means: dict[str, ChannelMean] = field(default_factory=dict)  # for bias correction
+    channels: dict[str, ChannelStats] = field(default_factory=dict)  # bias correction, smoothing
 
     def compute_ranges(self) -> None:
         self.ranges = {
@@ -79,7 +79,7 @@ class CalibrationTable:
                 }
                 for name, s in sorted(self.stats.items())
             },
-            "channel_means": {name: m.to_dict() for name, m in sorted(self.means.items())},
+            "channels": {name: c.to_dict() for name, c in sorted(self.channels.items())},
         }
 
     @classmethod
@@ -100,9 +100,7 @@ class CalibrationTable:
                 shard=tuple(doc["shard"]) if doc.get("shard") else None,
                 stats={k: TensorStats.from_dict(v["stats"]) for k, v in doc["tensors"].items()},
                 ranges={k: tuple(v["range"]) for k, v in doc["tensors"].items()},
-                means={
-                    k: ChannelMean.from_dict(v) for k, v in doc.get("channel_means", {}).items()
-                },
+                channels={k: ChannelStats.from_dict(v) for k, v in doc.get("channels", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(
@@ -162,11 +160,13 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
     shards = [t.shard for t in tables]
     _check_shards(shards)
     stats = {name: first.stats[name] for name in first.stats}
-    means = dict(first.means)
+    channels = dict(first.channels)
     for other in tables[1:]:
         stats = {name: stats[name].merge(other.stats[name]) for name in stats}
-        means = {
-            name: m.merge(other.means[name]) for name, m in means.items() if name in other.means
+        channels = {
+            name: c.merge(other.channels[name])
+            for name, c in channels.items()
+            if name in other.channels
         }
     merged = CalibrationTable(
         fingerprint=first.fingerprint,
@@ -177,7 +177,7 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
         samples=sum(t.samples for t in tables),
         stats=stats,
         shard=None,
-        means=means,
+        channels=channels,
     )
     merged.compute_ranges()
     return merged

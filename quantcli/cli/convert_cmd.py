@@ -85,6 +85,13 @@ def convert(
             help="Correct the mean shift weight rounding causes (needs calibration).",
         ),
     ] = True,
+    smooth: Annotated[
+        bool,
+        typer.Option(
+            "--smooth/--no-smooth",
+            help="auto: move outlier channels of dynamic MatMul inputs into the weights.",
+        ),
+    ] = True,
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -157,6 +164,7 @@ def _int8(**o: Any) -> Any:
         reduce_range=o["reduce_range"],
         quantize_depthwise=o["depthwise"],
         bias_correction=o["bias_correction"],
+        smooth=o["smooth"],
     )
     if o["target"] == "tensorrt":
         config = Int8Config.for_target("tensorrt", **fields)

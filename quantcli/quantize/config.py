@@ -28,6 +28,10 @@ class Int8Config:
     quantize_depthwise: bool = True  # float depthwise convs between Q/DQ get per-tensor
     # weights from ONNX Runtime's WeightBiasQuantization; int8 is also faster (docs/int8.md)
     bias_correction: bool = True  # needs per-channel input means from calibration
+    # auto: divide outlier channels of dynamic MatMul inputs into the weights (quantize/
+    # smooth.py); needs per-channel max |x| from calibration. Off: FFN down-projections
+    # (after Gelu / gated SiLU) become blockwise int8 instead.
+    smooth: bool = True
     target: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from quantcli.graph.build import Namer, add_initializer
 from quantcli.quantize.math import quantize, weight_qparams
+from quantcli.quantize.siblings import FuseSiblingMatMulsPass
 
 MS_DOMAIN = "com.microsoft"
 _ONNX = ("", "ai.onnx")
@@ -36,6 +37,7 @@ class _Target:
     node: ir.Node
     weight: np.ndarray  # [K, N] float32, already transposed for Gemm transB=1
     bias: ir.Value | None  # Gemm's C, added after the product
+    add: ir.Node | None = None  # a MatMul's bias Add, absorbed into DynamicQuantizeMatMul
 
 
 def _array(value: ir.Value | None) -> np.ndarray | None:
@@ -51,13 +53,28 @@ def _target(node: ir.Node) -> _Target | None:
     if w is None or w.ndim != 2 or w.dtype != np.float32:
         return None
     if node.op_type == "MatMul":
-        return _Target(node, w, None)
+        add = _bias_add(node, w.shape[1])
+        bias = None if add is None else next(v for v in add.inputs if v is not node.outputs[0])
+        return _Target(node, w, bias, add)
     attrs = node.attributes
     plain = attrs.get_float("alpha", 1.0) == 1.0 and attrs.get_float("beta", 1.0) == 1.0
     if not plain or attrs.get_int("transA", 0):
         return None
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     return _Target(node, w.T if attrs.get_int("transB", 0) else w, bias)
+
+
+def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
+    """The Add of a constant [N] vector that alone reads the MatMul's output."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in _ONNX or len(add.inputs) != 2:
+        return None
+    c = _array(add.inputs[1 - uses[0].idx])
+    return add if c is not None and c.shape == (n,) and c.dtype == np.float32 else None
 
 
 def _fusable_bias(target: _Target) -> bool:
@@ -90,7 +107,9 @@ class _Rewriter:
     def rewrite(self, target: _Target) -> None:
         node, tape = target.node, ir.tape.Tape()
         w_q, w_scale, w_zp = self._weight(target)
-        bias = target.bias
+        # A MatMul's bias Add is absorbed by the fused op; the portable form leaves it be.
+        absorbed = target.add if self.fused else None
+        bias = target.bias if target.add is None or absorbed else None
         if self.fused:
             fused_bias = bias if _fusable_bias(target) else None
             inputs = [node.inputs[0], w_q, w_scale, w_zp, fused_bias]
@@ -106,10 +125,12 @@ class _Rewriter:
         if bias is not None:
             y = tape.op("Add", [y, bias])
         self.graph.insert_before(node, tape.nodes)
-        old = node.outputs[0]
+        old = (absorbed or node).outputs[0]
         y.name, old.name = old.name, None
         y.shape, y.type = old.shape, old.type
         ir.convenience.replace_all_uses_with(old, y, replace_graph_outputs=True)
+        if absorbed is not None:
+            self.graph.remove(absorbed, safe=True)
         self.graph.remove(node, safe=True)
 
 
@@ -150,6 +171,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             rewriter.rewrite(target)
         if targets and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+            FuseSiblingMatMulsPass()(model)
         _drop_unused(model.graph, float_weights)
         return ir.passes.PassResult(model, modified=bool(targets))
 

@@ -53,12 +53,13 @@ def quantize_int8(
             hint="run quantcli inspect to see the op types, then set --op-types/--include",
         )
     warnings = []
-    if plan.nodes:
+    if plan.nodes or plan.smooth_inputs:
         table = _table(loaded, model, plan, table, data, calibration, progress)
-        means = {name: m.mean for name, m in table.means.items()}
-        QDQPass(plan, dict(table.ranges), config, means)(model)
     elif data is not None or table is not None:
         warnings.append("no node is quantized statically: the calibration data was not needed")
+    if plan.nodes:
+        means = {name: c.mean for name, c in table.channels.items()}
+        QDQPass(plan, dict(table.ranges), config, means)(model)
     if config.format == "qoperator":
         from quantcli.quantize.qoperator import QOperatorPass
 
@@ -67,6 +68,8 @@ def quantize_int8(
         from quantcli.quantize.dynamic import DynamicQuantizePass
 
         names = frozenset(name for name, _ in plan.dynamic)
+        if plan.smooth_inputs:
+            _smooth(model, plan, table, names)
         DynamicQuantizePass(per_channel=config.per_channel, nodes=names)(model)
     if plan.blockwise:
         from quantcli.quantize.blockwise import BlockwiseInt8Pass
@@ -76,6 +79,22 @@ def quantize_int8(
     result = _result(model, plan)
     result.warnings.extend(warnings)
     return result
+
+
+def _smooth(
+    model: ir.Model, plan: Plan, table: CalibrationTable | None, nodes: frozenset[str]
+) -> None:
+    from quantcli.quantize.smooth import SmoothInputsPass, smoothing_scales
+
+    channels = table.channels if table is not None else {}
+    scales = {}
+    for name in plan.smooth_inputs:
+        s = smoothing_scales(channels[name].absmax)
+        if s is not None:
+            scales[name] = s
+    smoothing = SmoothInputsPass(scales, nodes)
+    smoothing(model)
+    plan.smoothed = sorted(smoothing.smoothed)
 
 
 def _pattern_warnings(plan: Plan) -> list[str]:
@@ -109,10 +128,13 @@ def _table(
             hint="recalibrate this model with quantcli calibrate",
         )
     missing = [t for t in plan.activations if t not in table.ranges]
+    missing += [t for t in plan.smooth_inputs if t not in table.channels]
     if missing:
         raise InputError(
-            f"the calibration table has no range for {len(missing)} tensors (e.g. '{missing[0]}')",
-            hint="calibrate with the same --op-types/--include/--exclude as convert",
+            f"the calibration table has no statistics for {len(missing)} tensors "
+            f"(e.g. '{missing[0]}')",
+            hint="calibrate with the same options as convert (--op-types, --include, "
+            "--exclude, --smooth)",
         )
     return table
 
@@ -133,7 +155,11 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
 
 def _result(model: ir.Model, plan: Plan) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
-    counts.update(f"{op} (dynamic)" for _, op in plan.dynamic)
+    smoothed = set(plan.smoothed)
+    counts.update(
+        f"{op} (dynamic, smoothed)" if name in smoothed else f"{op} (dynamic)"
+        for name, op in plan.dynamic
+    )
     counts.update(f"{op} (blockwise int8)" for _, op in plan.blockwise)
     return Int8Result(
         model, plan, dict(sorted(counts.items())), list(plan.skipped), _pattern_warnings(plan)

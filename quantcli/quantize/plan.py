@@ -59,18 +59,23 @@ class Plan:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, reason
     dynamic: list[tuple[str, str]] = field(default_factory=list)  # (node, op): dynamic int8
     blockwise: list[tuple[str, str]] = field(default_factory=list)  # MatMulNBits 8-bit
+    smooth_inputs: list[str] = field(default_factory=list)  # inputs of dynamic MatMuls
+    smoothed: list[str] = field(default_factory=list)  # dynamic MatMuls given smoothed input
     unmatched: list[str] = field(default_factory=list)  # --include/--exclude matching no node
 
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
 
     def channel_axes(self) -> dict[str, int]:
-        """Inputs of quantized Conv/Gemm whose per-channel means drive bias correction."""
-        return {
+        """Tensors whose per-channel statistics calibration collects: inputs of quantized
+        Conv/Gemm (means, for bias correction) and of dynamic MatMuls (max |x|, smoothing)."""
+        axes = {
             n.inputs[0]: 1
             for n in self.nodes
             if n.op_type in ("Conv", "Gemm") and n.weight and n.inputs
         }
+        axes.update((name, -1) for name in self.smooth_inputs)
+        return axes
 
     def root_of(self, tensor: str) -> str:
         while tensor in self.shared:
@@ -143,7 +148,8 @@ class _Planner:
             return self._skip(node, "depthwise Conv kept float (--no-depthwise)")
         if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
             return self._skip(node, "activation x activation MatMul kept float for accuracy")
-        if _after_outlier_activation(node) and not self._goes_blockwise(node):
+        auto_matmul = self._goes_dynamic(node) or self._goes_blockwise(node)
+        if _after_outlier_activation(node) and not auto_matmul:
             return self._skip(node, "input after Gelu/gated SiLU (outliers): kept float")
         return True
 
@@ -167,16 +173,22 @@ class _Planner:
         return _is_const(weight) and len(weight.const_value.shape) == 2
 
     def _goes_dynamic(self, node: ir.Node) -> bool:
-        """In auto format, MatMuls with a constant 2-D weight are quantized dynamically..."""
-        return self._weight_matmul_in_auto(node) and not _after_outlier_activation(node)
+        """In auto format, MatMuls with a constant 2-D weight are quantized dynamically,
+        their inputs smoothed from calibration statistics..."""
+        if not self._weight_matmul_in_auto(node):
+            return False
+        return self.config.smooth or not _after_outlier_activation(node)
 
     def _goes_blockwise(self, node: ir.Node) -> bool:
-        """...unless their input has outlier channels: then blockwise int8 (MatMulNBits)."""
-        return self._weight_matmul_in_auto(node) and _after_outlier_activation(node)
+        """...or, without smoothing, those after outlier activations are blockwise int8."""
+        return self._weight_matmul_in_auto(node) and not self._goes_dynamic(node)
 
     def _plan_node(self, node: ir.Node, readers: set[str]) -> None:
         if self._goes_dynamic(node):
             self.plan.dynamic.append((node.name or "", node.op_type))
+            source = node.inputs[0].name or ""
+            if self.config.smooth and source not in self.plan.smooth_inputs:
+                self.plan.smooth_inputs.append(source)
             return
         if self._goes_blockwise(node):
             self.plan.blockwise.append((node.name or "", node.op_type))
