@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import Tiny, conv_net
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.convert import convert_int8_file
 from quantcli.quantize.config import Int8Config
@@ -203,3 +203,37 @@ def test_include_forces_an_op_type_outside_the_selection_and_unmatched_patterns_
     assert conv in [n.node for n in plan.nodes]
     assert plan.unmatched == ["no-such-node"]
     assert "no-such-node" not in names
+
+
+def _stem_net(size: int) -> ir.Model:
+    """RGB image [1,3,size,size] -> stem Conv(3->16, stride 2) -> Relu -> Conv(16->64)."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="body", pads=[1] * 4),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((64, 16, 3, 3)).astype(np.float32), "w2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_stem_conv_stays_float_in_deep_networks_only() -> None:
+    _, deep = prepare_for_int8(_stem_net(224), Int8Config())  # 121M multiply-adds
+    assert [n.node for n in deep.nodes] == ["body"]
+    assert ("stem", "Conv", "first Conv on the image input kept float for accuracy") in (
+        deep.skipped
+    )
+    _, forced = prepare_for_int8(_stem_net(224), Int8Config(include=("stem",)))
+    assert [n.node for n in forced.nodes] == ["stem", "body"]
+    _, small = prepare_for_int8(_stem_net(32), Int8Config())  # 2.4M: the stem is quantized
+    assert [n.node for n in small.nodes] == ["stem", "body"]

@@ -21,6 +21,7 @@ from quantcli.quantize.rules import (
     is_depthwise,
     rule_for,
 )
+from quantcli.quantize.stem import float_stems
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # Measured on real models (docs/int8.md): the compute-heavy ops, and data movement between
@@ -105,7 +106,7 @@ class _Planner:
         self.weight_axes: dict[str, set[int | None]] = {}
 
     def run(self) -> Plan:
-        candidates = [n for n in self.graph if self._candidate(n)]
+        candidates = self._without_stem([n for n in self.graph if self._candidate(n)])
         readers = self._quantized_readers(candidates)
         for node in candidates:
             self._plan_node(node, readers)
@@ -122,6 +123,14 @@ class _Planner:
                 name, axis if self.config.per_channel else None, role
             )
         return self.plan
+
+    def _without_stem(self, candidates: list[ir.Node]) -> list[ir.Node]:
+        """Keep stem Convs float, unless the user forced them or there is nothing else."""
+        heavy = [n for n in candidates if RULES[n.op_type].heavy]
+        stems = [n for n in float_stems(heavy) if not _matches(n.name or "", self.config.include)]
+        for node in stems:
+            self._skip(node, "first Conv on the image input kept float for accuracy")
+        return [n for n in candidates if n not in stems]
 
     def _skip(self, node: ir.Node, reason: str) -> bool:
         self.plan.skipped.append((node.name or "", node.op_type, reason))
