@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import Tiny, conv_net
+from conftest import Tiny, conv_net, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.convert import convert_int8_file
@@ -237,3 +237,17 @@ def test_stem_conv_stays_float_in_deep_networks_only() -> None:
     assert [n.node for n in forced.nodes] == ["stem", "body"]
     _, small = prepare_for_int8(_stem_net(32), Int8Config())  # 2.4M: the stem is quantized
     assert [n.node for n in small.nodes] == ["stem", "body"]
+
+
+def test_excluded_conv_reads_the_float_tensor(tiny: Tiny) -> None:
+    """A float Conv behind a DequantizeLinear would be quantized per tensor by ONNX Runtime
+    (WeightBiasQuantization); an excluded Conv must read the float tensor instead."""
+    c = convert(tiny, "conv_net_depthwise", exclude=("dwconv",))
+    dw = c.nodes["dwconv"]
+    producer = c.producer(dw.input[0])
+    assert producer is None or producer.op_type != "DequantizeLinear"
+    # With ORT's optimizations on, nothing re-quantizes the float conv behind our back.
+    feeds = tiny.feeds(tiny.path("conv_net_depthwise"))
+    optimized = run_ort(c.proto, feeds)[0]
+    plain = run_ort(c.proto, feeds, optimize=False)[0]
+    np.testing.assert_allclose(optimized, plain, rtol=1e-3, atol=1e-3 * np.abs(plain).max())
