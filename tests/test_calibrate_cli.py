@@ -162,3 +162,15 @@ def test_convert_never_overwrites_its_data(tiny: Tiny, cli: Cli) -> None:
     before = data.read_bytes()
     cli("convert", path, "-d", data, "-o", data, "--force")
     assert data.read_bytes() == before
+
+
+def test_table_without_smoothing_statistics_is_refused(tiny: Tiny, cli: Cli) -> None:
+    """A table calibrated --no-smooth lacks the channel maxima convert's smoothing needs."""
+    path, out = tiny.path("conv_net"), tiny.root / "out.onnx"  # QDQ convs, dynamic MatMul
+    table = tiny.root / "t.json"
+    cli.ok("calibrate", path, "-d", tiny.data(path), "-o", table, "--no-smooth")
+    line = cli.fails("convert", path, "-o", out, "--calibration", table)
+    assert "has no statistics for" in line and "--smooth" in line
+    assert not out.exists()
+    cli.ok("convert", path, "-o", out, "--calibration", table, "--no-smooth")
+    assert out.exists()

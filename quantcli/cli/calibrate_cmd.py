@@ -22,6 +22,7 @@ from quantcli.cli.common import (
     OpTypesOpt,
     OutputOpt,
     PreprocessOpt,
+    SmoothOpt,
     handle_errors,
     op_selection,
     out,
@@ -77,6 +78,7 @@ def calibrate(
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    smooth: SmoothOpt = True,
     preprocess: PreprocessOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
@@ -96,7 +98,7 @@ def calibrate(
         shard=parse_shard(shard) if shard else None,
     )
     # The same plan as convert's: a table for --format qdq also covers the MatMul inputs.
-    int8 = Int8Config(format=format_, **op_selection(op_types, include, exclude))
+    int8 = Int8Config(format=format_, smooth=smooth, **op_selection(op_types, include, exclude))
     _check_output(output, force, [model, Path(data)])
     table, source = calibrate_file(
         model, data, config, int8, images=parse_preprocess(preprocess), progress=_Bar()

@@ -127,6 +127,13 @@ IncludeOpt = Annotated[
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option("--exclude", help="Node name or glob to keep in float.")
 ]
+SmoothOpt = Annotated[
+    bool,
+    typer.Option(
+        "--smooth/--no-smooth",
+        help="auto: move outlier channels of dynamic MatMul inputs into the weights.",
+    ),
+]
 PreprocessOpt = Annotated[
     str | None,
     typer.Option(

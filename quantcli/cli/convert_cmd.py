@@ -22,6 +22,7 @@ from quantcli.cli.common import (
     OpTypesOpt,
     OutputOpt,
     PreprocessOpt,
+    SmoothOpt,
     count_rows,
     handle_errors,
     op_selection,
@@ -85,13 +86,7 @@ def convert(
             help="Correct the mean shift weight rounding causes (needs calibration).",
         ),
     ] = True,
-    smooth: Annotated[
-        bool,
-        typer.Option(
-            "--smooth/--no-smooth",
-            help="auto: move outlier channels of dynamic MatMul inputs into the weights.",
-        ),
-    ] = True,
+    smooth: SmoothOpt = True,
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
+
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant data as numpy, or None when it is computed at run time."""

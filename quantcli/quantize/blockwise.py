@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.graph.build import Namer, add_initializer, const_array
+from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
 
-MS_DOMAIN = "com.microsoft"
 BLOCK_SIZE = 32
 ZERO_POINT = 128  # MatMulNBits' default zero point for 8 bits: 2 ** (bits - 1)
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.graph.build import Namer, add_initializer
+from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
 from quantcli.quantize.math import quantize, weight_qparams
 from quantcli.quantize.siblings import FuseSiblingMatMulsPass
 
-MS_DOMAIN = "com.microsoft"
 _ONNX = ("", "ai.onnx")
 
 

@@ -16,7 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from quantcli.data import DataSource
 from quantcli.errors import InputError
-from quantcli.graph.build import Namer, add_initializer, const_array
+from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
 from quantcli.graph.passes import prepare_model
 from quantcli.graph.passes.opset import default_opset
 from quantcli.quantize.gptq import gptq_quantize, hessian_update
@@ -31,7 +31,6 @@ from quantcli.quantize.int4_plan import Int4Candidate, gather_candidates, int4_c
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "gptq")
 FORMATS = ("matmulnbits", "qdq")
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)

@@ -81,15 +81,12 @@ def quantize_int8(
     return result
 
 
-def _smooth(
-    model: ir.Model, plan: Plan, table: CalibrationTable | None, nodes: frozenset[str]
-) -> None:
+def _smooth(model: ir.Model, plan: Plan, table: CalibrationTable, nodes: frozenset[str]) -> None:
     from quantcli.quantize.smooth import SmoothInputsPass, smoothing_scales
 
-    channels = table.channels if table is not None else {}
     scales = {}
-    for name in plan.smooth_inputs:
-        s = smoothing_scales(channels[name].absmax)
+    for name in plan.smooth_inputs:  # _table checked that every one has statistics
+        s = smoothing_scales(table.channels[name].absmax)
         if s is not None:
             scales[name] = s
     smoothing = SmoothInputsPass(scales, nodes)

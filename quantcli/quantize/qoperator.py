@@ -14,11 +14,10 @@ from itertools import chain
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.graph.build import Namer, add_initializer
+from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
 from quantcli.quantize.qoperator_match import (
     _ONNX,
     _Q8,
-    MS_DOMAIN,
     Match,
     Rule,
     _array,

@@ -13,7 +13,6 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-MS_DOMAIN = "com.microsoft"
 _ONNX = ("", "ai.onnx")
 _Q8 = (ir.DataType.UINT8, ir.DataType.INT8)
 

@@ -15,9 +15,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.graph.build import Namer, add_initializer, const_array
-
-MS_DOMAIN = "com.microsoft"
+from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
 
 
 def _parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:

@@ -26,11 +26,11 @@ def float_stems(heavy: list[ir.Node]) -> list[ir.Node]:
     stems = [n for n in heavy if _is_stem_conv(n)]
     if not stems:
         return []
-    costs = [_macs(n) for n in heavy]
-    if any(c is None for c in costs):
+    costs = {id(n): _macs(n) for n in heavy}
+    if any(c is None for c in costs.values()):
         return []
-    total = sum(costs)  # type: ignore[arg-type]
-    stem_cost = sum(_macs(n) for n in stems)  # type: ignore[misc]
+    total = sum(costs.values())  # type: ignore[arg-type]
+    stem_cost = sum(costs[id(n)] for n in stems)  # type: ignore[misc]
     deep = total >= MIN_MODEL_MACS and stem_cost <= STEM_MAX_SHARE * total
     return stems if deep else []
 
