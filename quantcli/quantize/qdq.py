@@ -40,6 +40,7 @@ class QDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self.namer = Namer(graph)
+        self.planned = {n.node for n in self.plan.nodes}
         nodes = {n.name: n for n in graph}
         act_params = self._activation_params()
         weight_params = self._quantize_weights(graph, nodes)
@@ -211,9 +212,8 @@ class QDQPass(ir.passes.InPlacePass):
         dq_out = dq.outputs[0]
         dq_out.dtype, dq_out.shape = dtype, value.shape
         dq_out.name = self.namer(f"{tensor}_dequantized")
-        planned = {n.node for n in self.plan.nodes}
         for node, idx in uses:
-            if node.op_type in _WEIGHTED and node.name not in planned:
+            if node.op_type in _WEIGHTED and node.name not in self.planned:
                 # A float Conv/Gemm fed by a DequantizeLinear gets its weights quantized by
                 # ONNX Runtime's WeightBiasQuantization, per tensor: ruinous for depthwise
                 # convs (EfficientNet-Lite0 top-1 0.48 with one excluded). It reads the float.
