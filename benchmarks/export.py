@@ -42,8 +42,15 @@ def mnist_cnn(cache: Path) -> torch.nn.Module:
     spec = importlib.util.spec_from_file_location("digit_recognizer_model", root / "model.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))  # not used by CNN
-    spec.loader.exec_module(module)
+    # model.py imports torchvision, which the CNN does not use: a stub for the import only,
+    # removed after it so that transformers (MiniLM, SmolLM2) in the same process does not
+    # take it for an installed torchvision.
+    stub = sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if sys.modules.get("torchvision") is stub and stub.__spec__ is None:
+            del sys.modules["torchvision"]
     model = module.CNN()
     state = torch.load(root / "models" / "handwriting_model.pth", map_location="cpu")
     model.load_state_dict(state.get("model_state_dict", state))
