@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.shape_inference
 
 from quantcli.errors import QuantcliError
 from quantcli.runtime import create_session
@@ -24,9 +25,11 @@ def output_validator(samples: list[Feeds], provider: str = "cpu") -> Callable[[P
     """A callback for save_model: full ONNX check, an ORT session, finite outputs on samples."""
 
     def validate(path: Path) -> None:
+        # full_check also runs strict shape inference: its failures (a type clash, say)
+        # are InferenceError, not ValidationError.
         try:
             onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as exc:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise InvalidOutput(f"the quantized model fails the ONNX checker: {exc}") from exc
         try:
             session = create_session(path, provider)
