@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.passes import FoldConstantTransformsPass, FoldPadIntoConvPass
+from quantcli.quantize.blockwise import ZERO_POINT, quantize_blocks_int8
 from quantcli.quantize.int4 import Int4Config, quantize_int4
 from quantcli.quantize.int4_math import quantize_rtn
 from quantcli.quantize.math import QParams, activation_qparams, clamps_within
@@ -169,9 +170,14 @@ def test_embeddings_int4_gather_block_quantized_is_exact_to_the_dequantized_tabl
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_blockwise_int8_packing_round_trips_and_matches_ort() -> None:
-    from quantcli.quantize.blockwise import dequantize_blocks_int8, quantize_blocks_int8
+def dequantize_blocks_int8(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of quantize_blocks_int8: B [N, blocks, block] uint8 (zero point 128) -> W [K, N]."""
+    n, blocks, size = b.shape
+    values = (b.astype(np.float32) - ZERO_POINT) * scales[:, :, None]
+    return values.reshape(n, blocks * size)[:, :k].T
 
+
+def test_blockwise_int8_packing_round_trips_and_matches_ort() -> None:
     w = RNG.standard_normal((40, 6)).astype(np.float32)  # K not a multiple of the block
     b, scales = quantize_blocks_int8(w, 32)
     assert b.shape == (6, 2, 32) and scales.shape == (6, 2)

@@ -160,7 +160,7 @@ def test_convert_never_overwrites_its_data(tiny: Tiny, cli: Cli) -> None:
     path = tiny.path("gemm_mlp")
     data = tiny.data(path)
     before = data.read_bytes()
-    cli("convert", path, "-d", data, "-o", data, "--force")
+    assert "never overwrites" in cli.fails("convert", path, "-d", data, "-o", data, "--force")
     assert data.read_bytes() == before
 
 

@@ -115,16 +115,20 @@ ERRORS: dict[str, tuple[Callable[[Tiny], list], str]] = {
 }
 
 
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root (folders too: a temp folder left behind counts), with contents."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")
+    }
+
+
 @pytest.mark.parametrize("case", ERRORS)
 def test_error_paths_exit_2_with_one_line(case: str, tiny: Tiny, cli: Cli) -> None:
     make, message = ERRORS[case]
-    before = {p.name: p.read_bytes() for p in tiny.root.iterdir() if p.is_file()}
-    args = make(tiny)
-    written = {p.name: p.read_bytes() for p in tiny.root.iterdir() if p.is_file()}
+    args = make(tiny)  # writes the case's inputs
+    before = _snapshot(tiny.root)
     assert message in cli.fails(*args)
-    after = {p.name: p.read_bytes() for p in tiny.root.iterdir() if p.is_file()}
-    assert after == written, "a failed command changed or wrote files"
-    assert before.items() <= after.items()
+    assert _snapshot(tiny.root) == before, "a failed command changed, removed or wrote files"
 
 
 def test_shape_in_messages_is_not_eaten_as_markup(tiny: Tiny, cli: Cli) -> None:

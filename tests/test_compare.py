@@ -94,6 +94,18 @@ def float_predictions(path):
     return sess.run(None, {"x": StubData().x})[0].argmax(axis=1)
 
 
+def reference_outputs(pair, x, batch_size):
+    """Both models' logits (float64) computed directly with ORT, batch by batch."""
+    sessions = [onnxruntime.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in pair]
+    outs = [
+        np.concatenate(
+            [s.run(None, {"x": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        ).astype(np.float64)
+        for s in sessions
+    ]
+    return outs[0], outs[1]
+
+
 FAST = CompareConfig(batch_size=5, runs=4, warmup=1, per_layer=True)
 
 
@@ -105,7 +117,14 @@ def test_end_to_end(pair):
     assert data.calls == 2  # scoring pass + per-layer pass
     out = result.outputs[0]
     assert out.name == "logits" and out.error.samples == N
-    assert 0.95 < out.error.cosine_mean <= 1 and out.error.sqnr_db > 10
+    want, got = reference_outputs(pair, data.x, FAST.batch_size)
+    cosines = (want * got).sum(1) / np.sqrt((want * want).sum(1) * (got * got).sum(1))
+    assert out.error.cosine_mean == pytest.approx(cosines.mean(), rel=1e-7)
+    sqnr = 10 * np.log10((want * want).sum() / ((want - got) ** 2).sum())
+    assert out.error.sqnr_db == pytest.approx(sqnr, rel=1e-7)
+    assert out.error.max_abs_error == pytest.approx(np.abs(want - got).max(), rel=1e-7)
+    # ORT's quantizer on this MLP: cosine 0.9995, 39.6 dB (23.5 dB with AVX2 kernels)
+    assert out.error.cosine_mean > 0.998 and out.error.sqnr_db > 15
     cls = out.classifier
     assert cls is not None and cls.classes == CLASSES and cls.accuracy_float == 1.0
     assert result.latency is not None and result.latency.float_stats.runs == 4

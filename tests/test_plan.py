@@ -79,9 +79,13 @@ def test_depthwise_conv(tiny: Tiny, depthwise: bool) -> None:
         assert ("dwconv", "Conv") in [(n, o) for n, o, _ in c.plan.skipped]
 
 
-def test_depthwise_default_follows_config(tiny: Tiny) -> None:
-    c = convert(tiny, "conv_net_depthwise")
-    assert ("dwconv" in c.planned()) is Int8Config().quantize_depthwise
+def test_depthwise_convs_are_quantized_per_channel_by_default(tiny: Tiny) -> None:
+    """The documented default (docs/int8.md, docs/cli.md `--depthwise` on): quantized, with
+    one weight scale per output channel, since per-tensor ruins depthwise convs."""
+    c = convert(tiny, "conv_net_depthwise")  # no quantize_depthwise given
+    assert "dwconv" in c.planned()
+    dq = c.weight_dq("dwconv")
+    assert c.axis(dq) == 0 and c.inits[dq.input[1]].shape == (8,)
 
 
 def test_activation_times_activation_matmul_is_skipped(tiny: Tiny) -> None:

@@ -33,13 +33,6 @@ def quantize_blocks_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np
     return q.transpose(2, 0, 1).astype(np.uint8), np.ascontiguousarray(scale.T)
 
 
-def dequantize_blocks_int8(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
-    """Inverse of quantize_blocks_int8 (for tests): W [K, N]."""
-    n, blocks, size = b.shape
-    values = (b.astype(np.float32) - ZERO_POINT) * scales[:, :, None]
-    return values.reshape(n, blocks * size)[:, :k].T
-
-
 class BlockwiseInt8Pass(ir.passes.InPlacePass):
     def __init__(self, nodes: frozenset[str], block_size: int = BLOCK_SIZE) -> None:
         super().__init__()
