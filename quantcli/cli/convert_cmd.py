@@ -70,10 +70,17 @@ def convert(
         bool, typer.Option("--symmetric-activations", help="Symmetric activation ranges.")
     ] = False,
     reduce_range: Annotated[
-        bool, typer.Option("--reduce-range", help="7-bit weights, for CPUs without VNNI.")
+        bool,
+        typer.Option("--reduce-range", help="7-bit weights everywhere (ONNX Runtime's remedy)."),
     ] = False,
     target: Annotated[
-        str, typer.Option("--target", help="cpu (default) or tensorrt (symmetric int8 QDQ).")
+        str,
+        typer.Option(
+            "--target",
+            help="INT8: cpu (default: accurate on every CPU, x86 without VNNI included), "
+            "cpu-vnni (full 8-bit: only x86 with VNNI/AMX, or ARM64 with dot product) or "
+            "tensorrt (symmetric int8 QDQ).",
+        ),
     ] = "cpu",
     depthwise: Annotated[
         bool,

@@ -9,7 +9,9 @@ from quantcli.errors import InputError
 FORMATS = ("auto", "qdq", "qoperator", "dynamic")
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
-TARGETS = ("cpu", "tensorrt")
+# cpu: every CPU, x86 without VNNI included (int8 weights kept within int16 pair sums);
+# cpu-vnni: full 8-bit, for x86 with AVX512-VNNI/AVX-VNNI/AMX or ARM64 with dot product only.
+TARGETS = ("cpu", "cpu-vnni", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class Int8Config:
                 )
         if self.weight_type == "uint8" and self.format == "dynamic":
             raise InputError("--dynamic needs --weight-type int8", hint="drop --weight-type")
+
+    @property
+    def pair_safe(self) -> bool:
+        """Int8 weights must not saturate the int16 pair sums of x86 kernels without VNNI."""
+        return self.target == "cpu"
 
     @staticmethod
     def for_target(target: str, **overrides: object) -> Int8Config:

@@ -8,27 +8,31 @@ com.microsoft.DynamicQuantizeMatMul.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
-from quantcli.quantize.math import quantize, weight_qparams
+from quantcli.quantize.math import quantize_weight
 from quantcli.quantize.siblings import FuseSiblingMatMulsPass
 
 _ONNX = ("", "ai.onnx")
 
 
-def quantize_weight_symmetric(
-    w: np.ndarray, axis: int | None, num_bits: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weight and float32 scale max|w| / 127 along axis (per channel) or per tensor."""
-    if num_bits != 8:
-        raise ValueError(f"dynamic quantization is INT8 only, got {num_bits} bits")
-    qp = weight_qparams(w, axis, dtype="int8", symmetric=True)
-    return quantize(w, qp), qp.scale
+@dataclass(frozen=True)
+class DynamicWeights:
+    """How the int8 weights are made: granularity, 7-bit, or pair-safe for x86 without VNNI."""
+
+    per_channel: bool = True
+    reduce_range: bool = False
+    pair_safe: bool = True  # the default target runs on every CPU
+
+    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int8 weight [K, N] and its float32 scale (per output column or per tensor)."""
+        axis = 1 if self.per_channel else None
+        q, qp = quantize_weight(w, axis, "int8", self.reduce_range, self.pair_safe)
+        return q, qp.scale
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,8 @@ def _fusable_bias(target: _Target) -> bool:
 class _Rewriter:
     """Replaces one target with its dynamic form; shares the weight tensors of reused W."""
 
-    def __init__(self, graph: ir.Graph, per_channel: bool, fused: bool) -> None:
-        self.graph, self.per_channel, self.fused = graph, per_channel, fused
+    def __init__(self, graph: ir.Graph, weights: DynamicWeights, fused: bool) -> None:
+        self.graph, self.format, self.fused = graph, weights, fused
         self.namer = Namer(graph)
         self.weights: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
@@ -94,7 +98,7 @@ class _Rewriter:
         key = id(target.node.inputs[1])
         if key not in self.weights:
             base = target.node.inputs[1].name or "weight"
-            q, scale = quantize_weight_symmetric(target.weight, 1 if self.per_channel else None)
+            q, scale = self.format.quantize(target.weight)
             values = (q, scale, np.zeros(scale.shape, np.int8))
             names = ("quantized", "scale", "zero_point")
             self.weights[key] = tuple(  # type: ignore[assignment]
@@ -136,27 +140,23 @@ class _Rewriter:
 class DynamicQuantizePass(ir.passes.InPlacePass):
     """MatMul/Gemm with a constant 2-D float weight -> dynamic INT8 (uint8 A, int8 W).
 
-    `exclude(node)` returning True keeps that node in float; `nodes`, when given, limits the
-    rewrite to those node names. `fused` picks ORT's DynamicQuantizeMatMul (ORT only) over the
-    standard-ONNX MatMulInteger form, which ORT's optimizer fuses into the same kernel anyway.
+    `nodes`, when given, limits the rewrite to those node names. `fused` picks ORT's
+    DynamicQuantizeMatMul (ORT only) over the standard-ONNX MatMulInteger form, which ORT's
+    optimizer fuses into the same kernel anyway; the tests use the latter as the unfused
+    reference for sibling fusion.
     """
 
     def __init__(
         self,
-        per_channel: bool = True,
-        op_types: Sequence[str] = ("MatMul", "Gemm"),
-        exclude: Callable[[ir.Node], bool] | None = None,
+        weights: DynamicWeights | None = None,
         fused: bool = True,
         nodes: frozenset[str] | None = None,
     ) -> None:
         super().__init__()
-        self.per_channel, self.op_types, self.fused = per_channel, tuple(op_types), fused
-        self.exclude = exclude or (lambda node: False)
-        self.nodes = nodes
+        self.weights, self.fused, self.nodes = weights or DynamicWeights(), fused, nodes
 
     def _chosen(self, node: ir.Node) -> bool:
-        named = self.nodes is None or node.name in self.nodes
-        return named and node.op_type in self.op_types and not self.exclude(node)
+        return self.nodes is None or node.name in self.nodes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # MatMulInteger is opset 10, DynamicQuantizeLinear opset 11.
@@ -164,7 +164,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         chosen = filter(self._chosen, model.graph)
         targets = [t for t in map(_target, chosen) if t is not None]
-        rewriter = _Rewriter(model.graph, self.per_channel, self.fused)
+        rewriter = _Rewriter(model.graph, self.weights, self.fused)
         float_weights = [t.node.inputs[1] for t in targets]
         for target in targets:
             rewriter.rewrite(target)

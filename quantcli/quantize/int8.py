@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -19,6 +20,9 @@ from quantcli.quantize.detect import check_not_quantized
 from quantcli.quantize.plan import Plan
 from quantcli.quantize.prepare import prepare_for_int8
 from quantcli.quantize.qdq import QDQPass
+
+if TYPE_CHECKING:
+    from quantcli.quantize.dynamic import DynamicWeights
 
 Progress = Callable[[int, int], None]
 
@@ -70,7 +74,7 @@ def quantize_int8(
         names = frozenset(name for name, _ in plan.dynamic)
         if plan.smooth_inputs:
             _smooth(model, plan, table, names)
-        DynamicQuantizePass(per_channel=config.per_channel, nodes=names)(model)
+        DynamicQuantizePass(_dynamic_weights(config), nodes=names)(model)
     if plan.blockwise:
         from quantcli.quantize.blockwise import BlockwiseInt8Pass
 
@@ -145,9 +149,15 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
             "nothing to quantize dynamically: no MatMul/Gemm with a constant weight",
             hint="use static quantization (--data) for convolutional models",
         )
-    DynamicQuantizePass(per_channel=config.per_channel, nodes=frozenset(names))(model)
+    DynamicQuantizePass(_dynamic_weights(config), nodes=frozenset(names))(model)
     RemoveUnusedNodesPass()(model)
     return _result(model, plan)
+
+
+def _dynamic_weights(config: Int8Config) -> DynamicWeights:
+    from quantcli.quantize.dynamic import DynamicWeights
+
+    return DynamicWeights(config.per_channel, config.reduce_range, config.pair_safe)
 
 
 def _result(model: ir.Model, plan: Plan) -> Int8Result:

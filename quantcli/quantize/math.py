@@ -130,3 +130,24 @@ def clamps_within(qp: QParams, lo: float | None, hi: float | None) -> bool:
     low, high = (qmin - zero) * scale, (qmax - zero) * scale
     tol = 1e-6 * max(abs(low), abs(high), 1e-30)
     return (lo is None or low >= lo - tol) and (hi is None or high <= hi + tol)
+
+
+def quantize_weight(
+    w: np.ndarray,
+    axis: int | None,
+    dtype: str = "int8",
+    reduce_range: bool = False,
+    pair_safe: bool = False,
+) -> tuple[np.ndarray, QParams]:
+    """A constant weight as stored integers and their parameters (symmetric).
+
+    `pair_safe` keeps int8 weights within what x86 kernels without VNNI can add in int16
+    (`saturation.py`); 7-bit (`reduce_range`) and uint8 weights are safe already.
+    """
+    if pair_safe and dtype == "int8" and not reduce_range:
+        from quantcli.quantize.saturation import pair_safe_int8
+
+        q, scale = pair_safe_int8(w, axis, per_channel=axis is not None)
+        return q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
+    qp = weight_qparams(w, axis, dtype, True, reduce_range)
+    return quantize(w, qp), qp

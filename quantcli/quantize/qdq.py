@@ -18,9 +18,11 @@ from quantcli.quantize.math import (
     clamps_within,
     dequantize,
     quantize,
+    quantize_weight,
     weight_qparams,
 )
 from quantcli.quantize.plan import Plan
+from quantcli.quantize.rules import depthwise_kernel
 
 Ranges = dict[str, tuple[float, float]]
 
@@ -36,6 +38,7 @@ class QDQPass(ir.passes.InPlacePass):
         super().__init__()
         self.plan, self.ranges, self.config = plan, ranges, config
         self.means = means or {}  # per-channel input means, for bias correction
+        self.stored: dict[str, np.ndarray] = {}  # weight name -> its stored integers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -101,10 +104,15 @@ class QDQPass(ir.passes.InPlacePass):
             value = graph.initializers[name]
             w = const_array(value)
             if wplan.role == "weight":
-                qp = weight_qparams(w, wplan.axis, cfg.weight_type, True, cfg.reduce_range)
+                # Depthwise kernels widen to 16/32 bits: only the others need pair safety.
+                users = readers.get(name, [])
+                pair_safe = cfg.pair_safe and not (users and all(map(depthwise_kernel, users)))
+                q, qp = quantize_weight(w, wplan.axis, cfg.weight_type, cfg.reduce_range, pair_safe)
             else:
                 qp = weight_qparams(w, None, cfg.activation_type, cfg.symmetric_activations)
-            dq = self._dq_node(graph, name, quantize(w, qp), qp, value.dtype)
+                q = quantize(w, qp)
+            self.stored[name] = q
+            dq = self._dq_node(graph, name, q, qp, value.dtype)
             for node in readers.get(name, []):
                 for i, inp in enumerate(node.inputs):
                     if inp is value:
@@ -132,7 +140,8 @@ class QDQPass(ir.passes.InPlacePass):
             b = const_array(node.inputs[2]) if has_bias else np.zeros(channels)
             if b is None or b.shape != (channels,) or not node_plan.inputs:
                 continue  # a broadcast Gemm bias ([1, N], scalar) stays float
-            shift = self._mean_shift(node, node_plan.inputs[0], w, w_qp)
+            q = self.stored[node_plan.weight]
+            shift = self._mean_shift(node, node_plan.inputs[0], w, q, w_qp)
             if shift is None and not has_bias:
                 continue
             corrected = b.astype(np.float64) - (shift if shift is not None else 0.0)
@@ -147,13 +156,13 @@ class QDQPass(ir.passes.InPlacePass):
             node.replace_input_with(bias_index, dq)
 
     def _mean_shift(
-        self, node: ir.Node, tensor: str, w: np.ndarray, w_qp: QParams
+        self, node: ir.Node, tensor: str, w: np.ndarray, q: np.ndarray, w_qp: QParams
     ) -> np.ndarray | None:
         """(Wq - W) . E[x]: how much weight quantization moves each output channel's mean."""
         mean = self.means.get(tensor)
         if mean is None or not self.config.bias_correction:
             return None
-        error = dequantize(quantize(w, w_qp), w_qp).astype(np.float64) - w
+        error = dequantize(q, w_qp).astype(np.float64) - w
         if node.op_type == "Gemm":
             trans = node.attributes.get_int("transB", 0)  # weight [N, K] if set, else [K, N]
             if mean.size != error.shape[1 if trans else 0]:

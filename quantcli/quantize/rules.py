@@ -79,6 +79,18 @@ def is_depthwise(node: ir.Node) -> bool:
     return group > 1 and shape is not None and len(shape) >= 2 and shape[1] == 1
 
 
+def depthwise_kernel(node: ir.Node) -> bool:
+    """Runs on ONNX Runtime's depthwise kernel: one input and one output channel per group.
+
+    That kernel widens to 16/32 bits, so it cannot saturate an int16 pair (unlike the
+    GEMM path that every other Conv, MatMul and Gemm takes).
+    """
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = weight.shape if weight is not None else None
+    group = node.attributes.get_int("group", 1)
+    return is_depthwise(node) and shape is not None and shape[0] == group
+
+
 def clip_bounds_constant(node: ir.Node) -> bool:
     return all(v is None or const_array(v) is not None for v in node.inputs[1:3])
 

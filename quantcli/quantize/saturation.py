@@ -1,0 +1,155 @@
+"""Int16 pair saturation of x86 u8 x s8 kernels without VNNI (pure numpy).
+
+ONNX Runtime's U8S8 GEMM and convolution kernels on AVX2, and on AVX-512 without VNNI,
+multiply with `vpmaddubsw`: each pair of adjacent products a[k]*b[k] + a[k+1]*b[k+1]
+(a: stored uint8 activation, b: stored int8 weight) is added into a *saturating int16*
+before the int32 sum. VNNI/AMX x86 and ARM64 dot-product kernels accumulate in int32.
+
+A pair can never leave int16, for any activation and any packing order of K, when in every
+output channel the two largest stored weights of one sign sum to at most 128 in magnitude:
+255 x 128 = 32640 <= 32767. `pair_bound` measures that, `pair_safe_int8` quantizes a
+weight so that it holds while losing as little as possible, and `saturating_matmul`
+computes what such a kernel returns, so that any host can see what an AVX2 host gets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAIR_LIMIT = 128  # largest same-sign |b[k]| + |b[k+1]| that fits int16 against a = 255
+_QMAX = 127  # symmetric int8 weights use [-127, 127]
+_STEPS = 16  # scale candidates between full 8-bit and plain rounding that is already safe
+_TINY = np.float32(1e-12)
+_CHUNK = 256  # columns searched at once: bounds the [4, K, C] candidate arrays
+
+
+def as_columns(w: np.ndarray, out_axis: int | None) -> np.ndarray:
+    """View a weight as [K, C]: one column per output channel (None: one column)."""
+    if out_axis is None:
+        return np.reshape(w, (-1, 1))
+    moved = np.moveaxis(w, out_axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _top2_sum(x: np.ndarray) -> np.ndarray:
+    """Sum of the two largest entries of each column of a non-negative [K, C] array."""
+    if x.shape[0] < 2:
+        return x.sum(axis=0)
+    return np.partition(x, x.shape[0] - 2, axis=0)[-2:].sum(axis=0)
+
+
+def pair_bound(q: np.ndarray, out_axis: int | None) -> np.ndarray:
+    """Per output channel: the largest |b[k] + b[k']| over two stored weights of one sign.
+
+    A channel is safe on every x86 kernel when its bound is at most PAIR_LIMIT.
+    """
+    cols = as_columns(np.asarray(q), out_axis).astype(np.int64)
+    return np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
+
+
+def _cap_side(q: np.ndarray) -> np.ndarray:
+    """Make the positive side of each column pair-safe with the least change.
+
+    Two ways, chosen later by error: keep the largest value and cap the rest at
+    128 - largest (a lone outlier survives), or cap everything at 64.
+    """
+    top = q.max(axis=0, initial=0)
+    at = np.argmax(q, axis=0)
+    keep = np.minimum(q, np.maximum(PAIR_LIMIT - top, 0))
+    keep[at, np.arange(q.shape[1])] = q[at, np.arange(q.shape[1])]
+    even = np.minimum(q, PAIR_LIMIT // 2)
+    return np.stack([keep, even])
+
+
+def _safe_candidates(cols: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """[4, K, C] pair-safe integer candidates for one scale (2 ways per sign)."""
+    q = np.clip(np.rint(cols / scale), -_QMAX, _QMAX)
+    pos = _cap_side(np.maximum(q, 0))  # [2, K, C]
+    neg = _cap_side(np.maximum(-q, 0))
+    return np.stack([p - n for p in pos for n in neg])
+
+
+def pair_safe_int8(
+    w: np.ndarray, out_axis: int | None, per_channel: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weight (zero point 0) that cannot saturate an int16 pair, and its scale.
+
+    Channels that are already safe at full 8-bit (scale max|w| / 127) keep exactly that.
+    The others search scales from full 8-bit up to the smallest one at which plain rounding
+    is safe; at each, values over the pair limit are capped, and the scale and capping with
+    the least squared weight error win. `out_axis` is the output-channel axis of `w`;
+    `per_channel` False gives one scale for the whole tensor (the limit still holds per
+    channel). Returns (q with w's shape, scale [C] or a scalar).
+    """
+    w = np.asarray(w, np.float32)
+    cols = as_columns(w, out_axis)
+    absmax = np.abs(cols).max(axis=0, initial=0.0)
+    worst = np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
+    if not per_channel:
+        absmax, worst = absmax.max(initial=0.0), worst.max(initial=0.0)
+    full = np.maximum(absmax / _QMAX, _TINY)
+    # At scale worst / 127 the two largest round to at most 128 together: always safe.
+    ratio = np.maximum(worst / _QMAX / full, 1.0)
+    ts = np.linspace(0.0, 1.0, _STEPS)
+    chunks = [slice(i, i + _CHUNK) for i in range(0, cols.shape[1], _CHUNK)]
+    if per_channel:
+        parts = [_search(cols[:, c], full[c], ratio[c], ts) for c in chunks]
+        q = np.concatenate([p[0] for p in parts], axis=1)
+        scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    else:
+        # One scale: the step with the least total error over all channels.
+        totals = sum(_errors(cols[:, c], full, ratio, ts) for c in chunks)
+        t = ts[int(np.argmin(totals))] if np.isfinite(totals).all() else 1.0
+        q = np.concatenate([_capped(cols[:, c], full * ratio**t)[0] for c in chunks], axis=1)
+        scale = np.float32(full * ratio**t)
+    q = q.astype(np.int8)
+    if out_axis is None:
+        return q.reshape(w.shape), scale
+    moved = np.moveaxis(w, out_axis, -1).shape
+    return np.ascontiguousarray(np.moveaxis(q.reshape(moved), -1, out_axis)), scale
+
+
+def _capped(cols: np.ndarray, scale: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """The pair-safe candidate with the least error per column, and that error."""
+    cands = _safe_candidates(cols, scale)  # [4, K, C]
+    err = ((cands * scale - cols) ** 2).sum(axis=1, dtype=np.float64)  # [4, C]
+    pick = np.argmin(err, axis=0)
+    cols_i = np.arange(cols.shape[1])
+    return cands[pick, :, cols_i].T, err[pick, cols_i]
+
+
+def _search(
+    cols: np.ndarray, full: np.ndarray, ratio: np.ndarray, ts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel search over scales full * ratio**t; safe channels keep full 8-bit."""
+    best_q = np.clip(np.rint(cols / full), -_QMAX, _QMAX)
+    best_scale = full.copy()
+    best_err = np.where(pair_bound(best_q, 1) <= PAIR_LIMIT, -1.0, np.inf)
+    for t in ts:
+        scale = full * ratio**t
+        q, err = _capped(cols, scale)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_q[:, better] = q[:, better]
+        best_scale = np.where(better, scale, best_scale)
+    return best_q, best_scale
+
+
+def _errors(cols: np.ndarray, full: float, ratio: float, ts: np.ndarray) -> np.ndarray:
+    """Total squared error of one chunk at each per-tensor scale step."""
+    return np.array([_capped(cols, full * ratio**t)[1].sum() for t in ts])
+
+
+def saturating_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What an AVX2 U8S8 kernel computes for uint8 a [M, K] @ int8 b [K, N] (int32 result).
+
+    Products of neighbours k = 2i, 2i+1 are added into a saturating int16 (vpmaddubsw),
+    then the pairs are summed in int32 (vpmaddwd + vpaddd).
+    """
+    a = np.asarray(a).astype(np.int64)
+    b = np.asarray(b).astype(np.int64)
+    if a.shape[1] % 2:
+        a = np.pad(a, ((0, 0), (0, 1)))
+        b = np.pad(b, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]
+    return np.clip(pairs, -32768, 32767).sum(axis=1).astype(np.int32)
