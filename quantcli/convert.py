@@ -124,6 +124,10 @@ def convert_int8_file(
         size_after=file_size(output),
         seconds=time.perf_counter() - start,
         warnings=warnings + result.warnings,
+        details={
+            "target": config.target,
+            "x86_saturation": result.saturation.to_dict() if result.saturation else None,
+        },
     )
 
 

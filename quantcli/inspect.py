@@ -13,6 +13,7 @@ from quantcli.quantize.config import Int8Config
 from quantcli.quantize.detect import quantization_state
 from quantcli.quantize.int4_plan import int4_candidates
 from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.saturation_check import check_saturation
 
 
 def _spec_dict(spec: TensorSpec) -> dict[str, Any]:
@@ -65,6 +66,7 @@ def inspect_model(loaded: LoadedModel) -> dict[str, Any]:
             "by_dtype": params,
         },
         "quantized": quantization_state({n.op_type for n in nodes}),
+        "x86_saturation": check_saturation(model).to_dict(),
     }
     # Planning prepares the graph in place (BN folding...), so it comes after the counts.
     prepared, plan = prepare_for_int8(model, Int8Config())

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from quantcli.cli.calibrate_cmd import _Bar
 from quantcli.cli.common import (
@@ -98,6 +99,8 @@ def compare(
         warn("random data: accuracy figures are meaningless; use it for latency only")
     result = compare(float_model, quant_model, source, config, progress=_Bar())
     doc = result.to_dict()
+    for message in doc["warnings"]:
+        warn(message)
     if report is not None:
         from quantcli.report import write_report
 
@@ -173,7 +176,7 @@ def _accuracy_rows(doc: dict[str, Any]) -> list[list[str]]:
 
 
 def render(doc: dict[str, Any]) -> None:
-    from quantcli.report.markdown import gate_rows, layer_rows
+    from quantcli.report.markdown import gate_rows, host_line, layer_rows
 
     print_table("Accuracy", ["metric", "float", "quantized", "delta"], _accuracy_rows(doc))
     size, lat = doc["models"], doc.get("latency")
@@ -212,6 +215,7 @@ def render(doc: dict[str, Any]) -> None:
             ["#", "tensor", "op", "SQNR dB", "cosine"],
             layer_rows(doc["layers"]),
         )
+    out.print(escape(f"Host: {host_line(doc)}"))
     if doc["gates"]:
         colored = [
             [*r[:3], "[green]pass[/green]" if r[3] == "pass" else "[red]FAIL[/red]"]

@@ -232,7 +232,28 @@ def render(doc: dict[str, Any]) -> None:
         f"({ratio:.2f}x) in {doc['seconds']:.1f} s"
     )
     out.print(escape(text))
+    if "target" in doc:
+        out.print(escape(target_line(doc["target"], doc["x86_saturation"])))
     print_table("Quantized nodes", ["op type", "nodes"], count_rows(doc["quantized"]))
     if doc["float"]:
         reasons = Counter(f"{e['op_type']}: {e['reason']}" for e in doc["float"])
         print_table("Left in float", ["why", "nodes"], count_rows(dict(reasons)))
+
+
+_TARGETS = {
+    "cpu": "every CPU (x86 with or without VNNI, ARM)",
+    "cpu-vnni": "x86 with VNNI/AMX and ARM64 with dot product only",
+    "tensorrt": "TensorRT",
+}
+
+
+def target_line(target: str, check: dict[str, Any] | None) -> str:
+    line = f"Target {target}: {_TARGETS.get(target, target)}"
+    if check is None or check["checked_weights"] == 0:
+        return line
+    if check["safe"]:
+        return f"{line}; no int16 pair can saturate on x86 without VNNI"
+    return (
+        f"{line}; {len(check['nodes_at_risk'])} nodes ({check['unsafe_channels']} channels) "
+        "can saturate int16 pairs on x86 without VNNI (AVX2): accuracy drops there"
+    )

@@ -45,6 +45,27 @@ def _io_table(title: str, specs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _saturation(check: dict[str, Any]) -> str:
+    """Can the int8 weights overflow the int16 pair sums of AVX2 kernels, and where."""
+    if check["safe"]:
+        n = check["checked_weights"]
+        return f"safe: no int16 pair can saturate ({n} int8 weights checked)" if n else "-"
+    parts = []
+    for risk in check["nodes_at_risk"][:5]:
+        shown = ", ".join(map(str, risk["unsafe_channels"][:8]))
+        more = "..." if len(risk["unsafe_channels"]) > 8 else ""
+        parts.append(
+            f"{risk['node']} ({risk['op_type']}): {len(risk['unsafe_channels'])} of "
+            f"{risk['channels']} channels [{shown}{more}], worst pair {risk['worst_pair']}"
+        )
+    if check["unchecked_nodes"]:
+        parts.append(f"weights computed at run time: {', '.join(check['unchecked_nodes'][:5])}")
+    total = len(check["nodes_at_risk"])
+    head = f"CAN SATURATE int16 pairs: {total} nodes, {check['unsafe_channels']} channels"
+    rest = f" (+{total - 5} more nodes)" if total > 5 else ""
+    return head + "; " + "; ".join(parts) + rest
+
+
 def render(info: dict[str, Any]) -> None:
     title = f"Model {escape(info['path'])}"
     summary = Table(title=title, title_justify="left", show_header=False)
@@ -63,6 +84,7 @@ def render(info: dict[str, Any]) -> None:
         ("nodes", str(info["nodes"])),
         ("parameters", f"{params['count']:,} ({_mb(params['bytes'])}); {by_dtype}"),
         ("already quantized", ", ".join(info["quantized"]) or "no"),
+        ("x86 without VNNI", _saturation(info["x86_saturation"])),
     ]
     for key, value in rows:
         summary.add_row(key, value)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from quantcli.errors import DataError, InputError, ModelError, QuantcliError
 from quantcli.evaluate.gates import check_gates_possible, evaluate_gates
+from quantcli.evaluate.host import HostInfo, describe_host
 from quantcli.evaluate.latency import measure_latency
 from quantcli.evaluate.metrics import OutputAccumulator, OutputMetrics
 from quantcli.evaluate.model_file import check_signatures, inspect_model
@@ -23,6 +24,9 @@ from quantcli.evaluate.per_layer import per_layer_errors
 from quantcli.evaluate.plugin import MetricPlugin, load_metric
 from quantcli.evaluate.result import SCHEMA, CompareConfig, CompareResult, DataInfo
 from quantcli.runtime import resolve_providers, session_options
+
+if TYPE_CHECKING:
+    from quantcli.quantize.saturation_check import SaturationCheck
 
 Progress = Callable[[int, int], None]
 __all__ = ["SCHEMA", "CompareConfig", "CompareResult", "DataInfo", "DataSourceLike", "compare"]
@@ -79,7 +83,40 @@ def compare(
     info = DataInfo(data.description, n, data.num_samples, bool(data.synthetic), labels is not None)
     custom = plugin.result() if plugin is not None else {}
     result = CompareResult(fm, qm, info, cfg, outputs, latency, layers, custom)
-    return replace(result, gates=evaluate_gates(cfg.gates, result.summary()))
+    host = describe_host(cfg.provider)
+    check = saturation_of(qm.path)
+    return replace(
+        result,
+        gates=evaluate_gates(cfg.gates, result.summary()),
+        host=host,
+        x86_saturation=check.to_dict(),
+        warnings=saturation_warnings(host, check),
+    )
+
+
+def saturation_of(path: str) -> SaturationCheck:
+    import onnx_ir as ir
+
+    from quantcli.quantize.saturation_check import check_saturation
+
+    return check_saturation(ir.load(path))
+
+
+def saturation_warnings(host: HostInfo, check: SaturationCheck) -> list[str]:
+    """Say when the quantized model's accuracy depends on which x86 CPU runs it."""
+    if check.safe or host.provider != "cpu":
+        return []
+    nodes = len(check.risks) + len(check.unchecked)
+    fix = "convert with --target cpu (the default) for a model accurate on every CPU"
+    if host.int16_saturation:
+        return [
+            f"this CPU's int8 kernels saturate int16 pairs (no VNNI) and {nodes} nodes of the "
+            f"quantized model can overflow them: its accuracy here is below a VNNI CPU's; {fix}"
+        ]
+    return [
+        f"{nodes} nodes of the quantized model can saturate int16 pairs on x86 CPUs without "
+        f"VNNI (AVX2): the accuracy measured here does not hold there; {fix}"
+    ]
 
 
 Feeds = dict[str, np.ndarray]

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import quantcli
 from quantcli.errors import InputError
 from quantcli.evaluate.gates import GateResult, GateSpec
+from quantcli.evaluate.host import HostInfo
 from quantcli.evaluate.latency import LatencyComparison
 from quantcli.evaluate.metrics import OutputMetrics, json_number
 from quantcli.evaluate.model_file import ModelInfo
@@ -61,6 +62,9 @@ class CompareResult:
     layers: list[LayerError] | None = None  # worst SQNR first; None unless per_layer
     custom_metrics: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
+    host: HostInfo | None = None
+    x86_saturation: dict | None = None  # SaturationCheck.to_dict() of the quantized model
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def size_ratio(self) -> float:
@@ -108,6 +112,9 @@ class CompareResult:
             "layers": None if self.layers is None else [x.to_dict() for x in self.layers],
             "custom_metrics": {k: json_number(v) for k, v in self.custom_metrics.items()},
             "gates": [g.to_dict() for g in self.gates],
+            "host": self.host.to_dict() if self.host else None,
+            "x86_saturation": self.x86_saturation,
+            "warnings": self.warnings,
         }
 
 

@@ -20,6 +20,7 @@ from quantcli.quantize.detect import check_not_quantized
 from quantcli.quantize.plan import Plan
 from quantcli.quantize.prepare import prepare_for_int8
 from quantcli.quantize.qdq import QDQPass
+from quantcli.quantize.saturation_check import SaturationCheck, check_saturation
 
 if TYPE_CHECKING:
     from quantcli.quantize.dynamic import DynamicWeights
@@ -34,6 +35,7 @@ class Int8Result:
     quantized_by_type: dict[str, int]
     float_nodes: list[tuple[str, str, str]]  # node, op type, reason
     warnings: list[str] = field(default_factory=list)
+    saturation: SaturationCheck | None = None
 
 
 def quantize_int8(
@@ -80,7 +82,7 @@ def quantize_int8(
 
         BlockwiseInt8Pass(frozenset(name for name, _ in plan.blockwise))(model)
     RemoveUnusedNodesPass()(model)
-    result = _result(model, plan)
+    result = _result(model, plan, config)
     result.warnings.extend(warnings)
     return result
 
@@ -151,7 +153,7 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
         )
     DynamicQuantizePass(_dynamic_weights(config), nodes=frozenset(names))(model)
     RemoveUnusedNodesPass()(model)
-    return _result(model, plan)
+    return _result(model, plan, config)
 
 
 def _dynamic_weights(config: Int8Config) -> DynamicWeights:
@@ -160,7 +162,7 @@ def _dynamic_weights(config: Int8Config) -> DynamicWeights:
     return DynamicWeights(config.per_channel, config.reduce_range, config.pair_safe)
 
 
-def _result(model: ir.Model, plan: Plan) -> Int8Result:
+def _result(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
     counts = Counter(n.op_type for n in plan.nodes)
     smoothed = set(plan.smoothed)
     counts.update(
@@ -168,6 +170,14 @@ def _result(model: ir.Model, plan: Plan) -> Int8Result:
         for name, op in plan.dynamic
     )
     counts.update(f"{op} (blockwise int8)" for _, op in plan.blockwise)
+    check = check_saturation(model)  # what the written weights do, not what was meant
+    model.metadata_props["quantcli.target"] = config.target
+    model.metadata_props["quantcli.x86_int16_saturation_safe"] = str(check.safe).lower()
     return Int8Result(
-        model, plan, dict(sorted(counts.items())), list(plan.skipped), _pattern_warnings(plan)
+        model,
+        plan,
+        dict(sorted(counts.items())),
+        list(plan.skipped),
+        _pattern_warnings(plan),
+        saturation=check,
     )

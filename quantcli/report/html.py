@@ -138,6 +138,8 @@ def render_html(d: dict[str, Any]) -> str:
         _verdict(d),
         _table(["", "Float", "Quantized"], md.model_rows(d)),
         f"<p>Data: {escape(md.data_line(d))}.</p>",
+        f"<p>Host: {escape(md.host_line(d))}.</p>",
+        *(f"<p><strong>Warning:</strong> {escape(w)}</p>" for w in d.get("warnings", [])),
         "<h2>Outputs</h2>",
         _table(*md.output_rows(d)),
     ]

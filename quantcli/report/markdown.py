@@ -125,6 +125,28 @@ def data_line(d: dict[str, Any]) -> str:
     return f"{data['description']}: {data['num_samples']} samples{extra}"
 
 
+def host_line(d: dict[str, Any]) -> str:
+    """The host the figures come from, and whether the model is safe on x86 without VNNI."""
+    host, check = d.get("host"), d.get("x86_saturation")
+    text = "unknown"
+    if host:
+        kernels = {True: "int16 pair saturation", False: "int32 accumulation", None: "unknown"}
+        text = (
+            f"{host['cpu']} ({host['machine']}, int8: {host['int8_isa']}, u8s8 kernels: "
+            f"{kernels[host['int16_saturation']]}); ONNX Runtime {host['onnxruntime']}, "
+            f"{host['provider']}"
+        )
+    if check:
+        safe = check["safe"]
+        text += (
+            "; quantized model: saturation-free on every x86 CPU"
+            if safe
+            else f"; quantized model: {len(check['nodes_at_risk']) + len(check['unchecked_nodes'])}"
+            " nodes can saturate int16 pairs on x86 without VNNI"
+        )
+    return text
+
+
 def _table(head: list[str], rows: list[list[str]]) -> str:
     def cells(row: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |"
@@ -138,6 +160,8 @@ def render_markdown(d: dict[str, Any]) -> str:
         f"**Result: {verdict(d)}**",
         _table(["", "Float", "Quantized"], model_rows(d)),
         f"Data: {data_line(d)}.",
+        f"Host: {host_line(d)}.",
+        *(f"Warning: {w}" for w in d.get("warnings", [])),
         "## Outputs",
         _table(*output_rows(d)),
     ]
