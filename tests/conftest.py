@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner, Result
+
+# Property tests check results, not speed: no per-example deadline, so that a slow or
+# emulated CI machine (.ci/run's qemu pass) cannot fail them.
+settings.register_profile("quantcli", deadline=None)
+settings.load_profile("quantcli")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SAMPLE_NAMES = ("digits_cnn", "encoder", "mlp")

@@ -151,7 +151,12 @@ def test_to_dict_schema(pair):
     assert d["schema"] == SCHEMA == "quantcli.compare/1"
     top = {"schema", "quantcli_version", "onnxruntime_version", "passed", "models", "data"}
     top |= {"settings", "summary", "outputs", "latency", "layers", "custom_metrics", "gates"}
+    top |= {"host", "x86_saturation", "warnings"}
     assert set(d) == top
+    host = {"cpu", "machine", "int8_isa", "int16_saturation", "onnxruntime", "provider"}
+    assert set(d["host"]) == host and d["host"]["provider"] == "cpu"
+    check = {"safe", "pair_limit", "checked_weights", "nodes_at_risk", "unsafe_channels"}
+    assert set(d["x86_saturation"]) == check | {"unchecked_nodes"}
     assert set(d["models"]) == {"float", "quant", "size_ratio"}
     assert set(d["models"]["float"]) == {"path", "size_bytes", "external_data", "inputs", "outputs"}
     assert set(d["summary"]) == {

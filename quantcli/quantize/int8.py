@@ -64,8 +64,7 @@ def quantize_int8(
     elif data is not None or table is not None:
         warnings.append("no node is quantized statically: the calibration data was not needed")
     if plan.nodes:
-        means = {name: c.mean for name, c in table.channels.items()}
-        QDQPass(plan, dict(table.ranges), config, means)(model)
+        QDQPass(plan, dict(table.ranges), config, dict(table.channels))(model)
     if config.format == "qoperator":
         from quantcli.quantize.qoperator import QOperatorPass
 

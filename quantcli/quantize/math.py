@@ -138,6 +138,7 @@ def quantize_weight(
     dtype: str = "int8",
     reduce_range: bool = False,
     pair_safe: bool = False,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, QParams]:
     """A constant weight as stored integers and their parameters (symmetric).
 
@@ -147,7 +148,7 @@ def quantize_weight(
     if pair_safe and dtype == "int8" and not reduce_range:
         from quantcli.quantize.saturation import pair_safe_int8
 
-        q, scale = pair_safe_int8(w, axis, per_channel=axis is not None)
+        q, scale = pair_safe_int8(w, axis, axis is not None, importance)
         return q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
     qp = weight_qparams(w, axis, dtype, True, reduce_range)
     return quantize(w, qp), qp

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.build import Namer, add_initializer, const_array
 from quantcli.quantize.config import Int8Config
 from quantcli.quantize.math import (
@@ -33,11 +34,13 @@ class QDQPass(ir.passes.InPlacePass):
         plan: Plan,
         ranges: Ranges,
         config: Int8Config,
-        means: dict[str, np.ndarray] | None = None,
+        channels: dict[str, ChannelStats] | None = None,
     ) -> None:
         super().__init__()
         self.plan, self.ranges, self.config = plan, ranges, config
-        self.means = means or {}  # per-channel input means, for bias correction
+        # Per-channel input statistics: means for bias correction, mean squares to weigh
+        # weight errors when int8 weights are made pair-safe.
+        self.channels = channels or {}
         self.stored: dict[str, np.ndarray] = {}  # weight name -> its stored integers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -107,7 +110,10 @@ class QDQPass(ir.passes.InPlacePass):
                 # Depthwise kernels widen to 16/32 bits: only the others need pair safety.
                 users = readers.get(name, [])
                 pair_safe = cfg.pair_safe and not (users and all(map(depthwise_kernel, users)))
-                q, qp = quantize_weight(w, wplan.axis, cfg.weight_type, cfg.reduce_range, pair_safe)
+                importance = self._importance(users, w, wplan.axis) if pair_safe else None
+                q, qp = quantize_weight(
+                    w, wplan.axis, cfg.weight_type, cfg.reduce_range, pair_safe, importance
+                )
             else:
                 qp = weight_qparams(w, None, cfg.activation_type, cfg.symmetric_activations)
                 q = quantize(w, qp)
@@ -119,6 +125,26 @@ class QDQPass(ir.passes.InPlacePass):
                         node.replace_input_with(i, dq)
             params[name] = qp
         return params
+
+    def _importance(
+        self, users: list[ir.Node], w: np.ndarray, axis: int | None
+    ) -> np.ndarray | None:
+        """E[x^2] of the input each weight row multiplies, in the [K, C] order of
+        saturation.as_columns; None when unknown or ambiguous (shared, grouped, per tensor)."""
+        if axis is None or len(users) != 1 or not users[0].inputs:
+            return None
+        node = users[0]
+        stats = self.channels.get(node.inputs[0].name or "") if node.inputs[0] else None
+        msq = None if stats is None else stats.mean_square
+        if msq is None:
+            return None
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1:
+            per_row = int(np.prod(w.shape[2:]))  # rows: (input channel, kernel position)
+            return np.repeat(msq, per_row) if msq.size * per_row == w[0].size else None
+        if node.op_type == "Gemm" and w.ndim == 2:
+            k = w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0]
+            return msq if msq.size == k else None
+        return None
 
     def _quantize_biases(
         self,
@@ -159,9 +185,10 @@ class QDQPass(ir.passes.InPlacePass):
         self, node: ir.Node, tensor: str, w: np.ndarray, q: np.ndarray, w_qp: QParams
     ) -> np.ndarray | None:
         """(Wq - W) . E[x]: how much weight quantization moves each output channel's mean."""
-        mean = self.means.get(tensor)
-        if mean is None or not self.config.bias_correction:
+        stats = self.channels.get(tensor)
+        if stats is None or not self.config.bias_correction:
             return None
+        mean = stats.mean
         error = dequantize(q, w_qp).astype(np.float64) - w
         if node.op_type == "Gemm":
             trans = node.attributes.get_int("transB", 0)  # weight [N, K] if set, else [K, N]

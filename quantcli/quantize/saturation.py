@@ -70,7 +70,10 @@ def _safe_candidates(cols: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def pair_safe_int8(
-    w: np.ndarray, out_axis: int | None, per_channel: bool = True
+    w: np.ndarray,
+    out_axis: int | None,
+    per_channel: bool = True,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weight (zero point 0) that cannot saturate an int16 pair, and its scale.
 
@@ -79,7 +82,9 @@ def pair_safe_int8(
     is safe; at each, values over the pair limit are capped, and the scale and capping with
     the least squared weight error win. `out_axis` is the output-channel axis of `w`;
     `per_channel` False gives one scale for the whole tensor (the limit still holds per
-    channel). Returns (q with w's shape, scale [C] or a scalar).
+    channel). `importance`, one non-negative weight per row of the [K, C] view (e.g. the
+    input's mean square per channel), weights the error: capping a weight that only ever
+    sees small inputs costs little. Returns (q with w's shape, scale [C] or a scalar).
     """
     w = np.asarray(w, np.float32)
     cols = as_columns(w, out_axis)
@@ -91,16 +96,20 @@ def pair_safe_int8(
     # At scale worst / 127 the two largest round to at most 128 together: always safe.
     ratio = np.maximum(worst / _QMAX / full, 1.0)
     ts = np.linspace(0.0, 1.0, _STEPS)
+    imp = np.ones((cols.shape[0], 1), np.float32)
+    if importance is not None:
+        imp = np.asarray(importance, np.float32).reshape(-1, 1)
+        imp = imp / max(float(imp.mean()), 1e-30)  # only the relative sizes matter
     chunks = [slice(i, i + _CHUNK) for i in range(0, cols.shape[1], _CHUNK)]
     if per_channel:
-        parts = [_search(cols[:, c], full[c], ratio[c], ts) for c in chunks]
+        parts = [_search(cols[:, c], full[c], ratio[c], ts, imp) for c in chunks]
         q = np.concatenate([p[0] for p in parts], axis=1)
         scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
     else:
         # One scale: the step with the least total error over all channels.
-        totals = sum(_errors(cols[:, c], full, ratio, ts) for c in chunks)
+        totals = sum(_errors(cols[:, c], full, ratio, ts, imp) for c in chunks)
         t = ts[int(np.argmin(totals))] if np.isfinite(totals).all() else 1.0
-        q = np.concatenate([_capped(cols[:, c], full * ratio**t)[0] for c in chunks], axis=1)
+        q = np.concatenate([_capped(cols[:, c], full * ratio**t, imp)[0] for c in chunks], axis=1)
         scale = np.float32(full * ratio**t)
     q = q.astype(np.int8)
     if out_axis is None:
@@ -109,17 +118,19 @@ def pair_safe_int8(
     return np.ascontiguousarray(np.moveaxis(q.reshape(moved), -1, out_axis)), scale
 
 
-def _capped(cols: np.ndarray, scale: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-    """The pair-safe candidate with the least error per column, and that error."""
+def _capped(
+    cols: np.ndarray, scale: np.ndarray | float, imp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pair-safe candidate with the least (weighted) error per column, and that error."""
     cands = _safe_candidates(cols, scale)  # [4, K, C]
-    err = ((cands * scale - cols) ** 2).sum(axis=1, dtype=np.float64)  # [4, C]
+    err = (imp * (cands * scale - cols) ** 2).sum(axis=1, dtype=np.float64)  # [4, C]
     pick = np.argmin(err, axis=0)
     cols_i = np.arange(cols.shape[1])
     return cands[pick, :, cols_i].T, err[pick, cols_i]
 
 
 def _search(
-    cols: np.ndarray, full: np.ndarray, ratio: np.ndarray, ts: np.ndarray
+    cols: np.ndarray, full: np.ndarray, ratio: np.ndarray, ts: np.ndarray, imp: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel search over scales full * ratio**t; safe channels keep full 8-bit."""
     best_q = np.clip(np.rint(cols / full), -_QMAX, _QMAX)
@@ -127,7 +138,7 @@ def _search(
     best_err = np.where(pair_bound(best_q, 1) <= PAIR_LIMIT, -1.0, np.inf)
     for t in ts:
         scale = full * ratio**t
-        q, err = _capped(cols, scale)
+        q, err = _capped(cols, scale, imp)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_q[:, better] = q[:, better]
@@ -135,9 +146,11 @@ def _search(
     return best_q, best_scale
 
 
-def _errors(cols: np.ndarray, full: float, ratio: float, ts: np.ndarray) -> np.ndarray:
+def _errors(
+    cols: np.ndarray, full: float, ratio: float, ts: np.ndarray, imp: np.ndarray
+) -> np.ndarray:
     """Total squared error of one chunk at each per-tensor scale step."""
-    return np.array([_capped(cols, full * ratio**t)[1].sum() for t in ts])
+    return np.array([_capped(cols, full * ratio**t, imp)[1].sum() for t in ts])
 
 
 def saturating_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
