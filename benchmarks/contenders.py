@@ -108,6 +108,8 @@ def contenders(spec: Spec, tune: bool = False) -> list[Contender]:
         out.append(Contender("ort-tuned-w8", "ort", TUNE_DYNAMIC[TUNED_W8]))
     int8 = ["convert", "MODEL", "--bits", "8", "--data", "CALIB"]
     out.append(Contender("quantcli", "quantcli", int8))
+    # Full 8-bit weights (VNNI/AMX x86, ARM64 dot product only): what portability costs.
+    out.append(Contender("quantcli-cpu-vnni", "quantcli", [*int8, "--target", "cpu-vnni"]))
     # Notable options: what each default buys, measured against turning it off.
     if static:
         out += [

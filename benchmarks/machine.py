@@ -46,6 +46,25 @@ def _git() -> str:
         return "unknown"
 
 
+def host_kind() -> tuple[str, dict[str, Any]]:
+    """A short name for the kind of int8 kernels this host has (results live per kind)."""
+    from quantcli.evaluate.host import describe_host
+
+    host = describe_host().to_dict()
+    isa = host["int8_isa"]
+    if host["machine"] in ("aarch64", "arm64"):
+        kind = "arm64-dotprod" if "dot product" in isa and "no dot" not in isa else "arm64"
+    elif host["int16_saturation"]:
+        kind = "x86-avx2"  # AVX2 or AVX-512 without VNNI: int16 pair saturation
+    elif "AMX" in isa:
+        kind = "x86-amx"
+    elif "VNNI" in isa:
+        kind = "x86-" + isa.split(" + ")[0].lower()
+    else:
+        kind = "other"
+    return kind, host
+
+
 def machine_info() -> dict[str, Any]:
     versions = {"python": platform.python_version()}
     for pkg in ("numpy", "onnx", "onnxruntime", "onnx-ir", "quantcli"):
@@ -54,7 +73,10 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     versions["quantcli_git"] = _git()
+    kind, host = host_kind()
     return {
+        "host_kind": kind,
+        "host": host,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _cpu()
         | {

@@ -9,17 +9,22 @@ in its own child process; all sessions of one model are timed in this process, i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import avx2
 import numpy as np
 from contenders import Contender, calibration_commands, contenders
-from machine import machine_info
+from machine import host_kind, machine_info
 from measure import METRICS, file_bytes, latency, open_session, outputs, workloads
 from models import DEFAULT_CACHE, FULL, QUICK, REPO, SPECS, files, summarize
 from proc import run_tool
@@ -95,6 +100,8 @@ def bench_model(name: str, args: argparse.Namespace, res: dict[str, Any]) -> Non
         except Exception as e:
             rec["status"] = fail(res, name, cname, "run", f"{type(e).__name__}: {e}"[:400])
             del sessions[cname]
+    if args.avx2 and spec.task in avx2.TASKS:
+        entry["avx2"] = avx2_accuracy(name, spec.task, f, paths, entry, ref, data, args, res)
     names = [i.name for i in sessions["float"].get_inputs()]
     lat = latency(sessions, workloads(spec.task, data, names), args.rounds)
     entry["latency_reps"] = lat.pop("_reps")
@@ -105,6 +112,24 @@ def bench_model(name: str, args: argparse.Namespace, res: dict[str, Any]) -> Non
         entry["compare_check"] = compare_check(f, paths["quantcli"], entry, args)
     if spec.calib_bench and not args.quick and not args.tune and not args.no_calib:
         entry["calibration"] = bench_calibration(name, f, args, res)
+
+
+def avx2_accuracy(
+    name: str, task: str, f: Any, paths: dict, entry: dict, ref: Any, data: dict, args, res
+) -> dict[str, Any]:
+    """Each INT8 model's metrics as ONNX Runtime's AVX2 kernels compute them (qemu Haswell)."""
+    out = args.cache / "out" / name / "avx2.npy"
+    for cname, path in paths.items():
+        rec = entry["contenders"][cname]
+        if cname not in avx2.CONTENDERS or rec.get("status") != "ok":
+            continue
+        try:
+            avx2.emulated_outputs(path, f.eval, task, out, args.timeout)
+            rec["metrics_avx2"] = METRICS[task](ref, np.load(out), data)
+            log(f"  {cname} on AVX2 kernels: {rec['metrics_avx2']}")
+        except Exception as e:  # a failed emulation is a recorded failure, not a crash
+            fail(res, name, cname, "avx2 emulation", f"{type(e).__name__}: {e}"[:400])
+    return {"how": "qemu-user -cpu Haswell (AVX2, no VNNI): ONNX Runtime's AVX2 int8 kernels"}
 
 
 def compare_check(f: Any, quant: Path, entry: dict, args: argparse.Namespace) -> dict[str, Any]:
@@ -188,12 +213,41 @@ def bench_calibration(name: str, f: Any, args: argparse.Namespace, res: dict) ->
     return rows
 
 
+def snapshot_code(allow_dirty: bool) -> dict[str, Any]:
+    """Pin the code under test for the whole run: one commit, copied aside.
+
+    Children import quantcli from the copy (PYTHONPATH), so editing the tree during a
+    20-minute run cannot mix versions. A dirty tree is refused unless allowed; then its diff
+    is kept with the results.
+    """
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
+
+    paths = ["quantcli", "benchmarks", "pyproject.toml"]
+    dirty = git("status", "--porcelain", "--", *paths).strip()
+    if dirty and not allow_dirty:
+        sys.exit(f"uncommitted changes in {', '.join(paths)}: commit them or pass --allow-dirty")
+    copy = Path(tempfile.mkdtemp(prefix="quantcli-bench-code-"))
+    shutil.copytree(REPO / "quantcli", copy / "quantcli")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(copy), os.environ.get("PYTHONPATH")])
+    )
+    diff = git("diff", "HEAD", "--", *paths) if dirty else ""
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "dirty": bool(dirty),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
+        "diff": diff or None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help=f"comma list of {', '.join(FULL)}")
     ap.add_argument("--quick", action="store_true", help="digit CNNs only, fewer rounds (<5 min)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.json")
+    ap.add_argument("--out", type=Path, help="default benchmarks/results/HOST-KIND[-quick].json")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every session")
     ap.add_argument("--rounds", type=int, help="latency rounds (default 21, quick 15)")
     ap.add_argument("--tune", action="store_true", help="measure the ort-tuned candidates")
@@ -201,7 +255,22 @@ def main() -> None:
     ap.add_argument("--no-calib", action="store_true", help="skip the calibration scaling runs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     ap.add_argument("--max-rss-gb", type=float, default=14, help="kill a child above this")
+    ap.add_argument(
+        "--avx2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure INT8 accuracy on AVX2 kernels under qemu (default: on a VNNI x86 "
+        "host with qemu-x86_64)",
+    )
+    ap.add_argument("--allow-dirty", action="store_true", help="run uncommitted code (diff kept)")
     args = ap.parse_args()
+    kind, host = host_kind()
+    if args.avx2 is None:
+        args.avx2 = avx2.available() and host["int16_saturation"] is False
+    suffix = "-quick" if args.quick else ""
+    args.out = args.out or REPO / "benchmarks" / "results" / f"{kind}{suffix}.json"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    code = snapshot_code(args.allow_dirty)
     args.cache = args.cache.expanduser()
     args.rounds = args.rounds or (15 if args.quick else 21)
     models = args.models.split(",") if args.models else QUICK if args.quick else FULL
@@ -213,6 +282,8 @@ def main() -> None:
             "latency_rounds": args.rounds,
             "quick": args.quick,
             "tune": args.tune,
+            "code": code,
+            "avx2_emulated": args.avx2,
         },
         "models": {},
         "failures": [],

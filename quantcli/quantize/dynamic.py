@@ -28,10 +28,14 @@ class DynamicWeights:
     reduce_range: bool = False
     pair_safe: bool = True  # the default target runs on every CPU
 
-    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """int8 weight [K, N] and its float32 scale (per output column or per tensor)."""
+    def quantize(
+        self, w: np.ndarray, importance: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """int8 weight [K, N] and its float32 scale (per output column or per tensor);
+        `importance` ([K], the input's E[x^2]) weighs pair-safe weight errors."""
         axis = 1 if self.per_channel else None
-        q, qp = quantize_weight(w, axis, "int8", self.reduce_range, self.pair_safe)
+        importance = importance if axis is not None else None
+        q, qp = quantize_weight(w, axis, "int8", self.reduce_range, self.pair_safe, importance)
         return q, qp.scale
 
 
@@ -89,8 +93,15 @@ def _fusable_bias(target: _Target) -> bool:
 class _Rewriter:
     """Replaces one target with its dynamic form; shares the weight tensors of reused W."""
 
-    def __init__(self, graph: ir.Graph, weights: DynamicWeights, fused: bool) -> None:
+    def __init__(
+        self,
+        graph: ir.Graph,
+        weights: DynamicWeights,
+        fused: bool,
+        importance: dict[str, np.ndarray],
+    ) -> None:
         self.graph, self.format, self.fused = graph, weights, fused
+        self.importance = importance
         self.namer = Namer(graph)
         self.weights: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
@@ -98,7 +109,10 @@ class _Rewriter:
         key = id(target.node.inputs[1])
         if key not in self.weights:
             base = target.node.inputs[1].name or "weight"
-            q, scale = self.format.quantize(target.weight)
+            imp = self.importance.get(target.node.name or "")
+            if imp is not None and imp.shape != (target.weight.shape[0],):
+                imp = None
+            q, scale = self.format.quantize(target.weight, imp)
             values = (q, scale, np.zeros(scale.shape, np.int8))
             names = ("quantized", "scale", "zero_point")
             self.weights[key] = tuple(  # type: ignore[assignment]
@@ -140,7 +154,8 @@ class _Rewriter:
 class DynamicQuantizePass(ir.passes.InPlacePass):
     """MatMul/Gemm with a constant 2-D float weight -> dynamic INT8 (uint8 A, int8 W).
 
-    `nodes`, when given, limits the rewrite to those node names. `fused` picks ORT's
+    `nodes`, when given, limits the rewrite to those node names; `importance` gives per
+    node the E[x^2] of its input channels (weighs pair-safe weight errors). `fused` picks ORT's
     DynamicQuantizeMatMul (ORT only) over the standard-ONNX MatMulInteger form, which ORT's
     optimizer fuses into the same kernel anyway; the tests use the latter as the unfused
     reference for sibling fusion.
@@ -151,9 +166,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         weights: DynamicWeights | None = None,
         fused: bool = True,
         nodes: frozenset[str] | None = None,
+        importance: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.weights, self.fused, self.nodes = weights or DynamicWeights(), fused, nodes
+        self.importance = importance or {}  # node name -> E[x^2] of its input channels
 
     def _chosen(self, node: ir.Node) -> bool:
         return self.nodes is None or node.name in self.nodes
@@ -164,7 +181,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         chosen = filter(self._chosen, model.graph)
         targets = [t for t in map(_target, chosen) if t is not None]
-        rewriter = _Rewriter(model.graph, self.weights, self.fused)
+        rewriter = _Rewriter(model.graph, self.weights, self.fused, self.importance)
         float_weights = [t.node.inputs[1] for t in targets]
         for target in targets:
             rewriter.rewrite(target)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -73,9 +74,10 @@ def quantize_int8(
         from quantcli.quantize.dynamic import DynamicQuantizePass
 
         names = frozenset(name for name, _ in plan.dynamic)
-        if plan.smooth_inputs:
-            _smooth(model, plan, table, names)
-        DynamicQuantizePass(_dynamic_weights(config), nodes=names)(model)
+        inputs = {n.name: n.inputs[0].name for n in model.graph if n.name in names and n.inputs}
+        scales = _smooth(model, plan, table, names) if plan.smooth_inputs else {}
+        importance = _input_importance(inputs, plan, table, scales) if table else {}
+        DynamicQuantizePass(_dynamic_weights(config), nodes=names, importance=importance)(model)
     if plan.blockwise:
         from quantcli.quantize.blockwise import BlockwiseInt8Pass
 
@@ -86,7 +88,10 @@ def quantize_int8(
     return result
 
 
-def _smooth(model: ir.Model, plan: Plan, table: CalibrationTable, nodes: frozenset[str]) -> None:
+def _smooth(
+    model: ir.Model, plan: Plan, table: CalibrationTable, nodes: frozenset[str]
+) -> dict[str, np.ndarray]:
+    """Smooth the dynamic MatMuls' outlier input channels; returns the divisors by tensor."""
     from quantcli.quantize.smooth import SmoothInputsPass, smoothing_scales
 
     scales = {}
@@ -97,6 +102,26 @@ def _smooth(model: ir.Model, plan: Plan, table: CalibrationTable, nodes: frozens
     smoothing = SmoothInputsPass(scales, nodes)
     smoothing(model)
     plan.smoothed = sorted(smoothing.smoothed)
+    return scales
+
+
+def _input_importance(
+    inputs: dict[str, str | None],
+    plan: Plan,
+    table: CalibrationTable,
+    scales: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """E[x^2] per input channel of each dynamic MatMul (by node), as its input is after
+    smoothing (x / s), to weigh pair-safe weight errors."""
+    smoothed = set(plan.smoothed)
+    found = {}
+    for node, tensor in inputs.items():
+        stats = table.channels.get(tensor or "")
+        msq = None if stats is None else stats.mean_square
+        if msq is None:
+            continue
+        found[node] = msq / scales[tensor] ** 2 if node in smoothed and tensor in scales else msq
+    return found
 
 
 def _pattern_warnings(plan: Plan) -> list[str]:
