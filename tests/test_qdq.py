@@ -107,7 +107,11 @@ def test_variants(name: str, variant: str, tmp_path: Path) -> None:
         zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
         assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     x = s.eval_arrays(64)[0]
-    (want,), (got,) = run_ort(s.model, {"input": x}), run_ort(out, {"input": x})
+    # TensorRT files carry full 8-bit weights for GPU kernels; ORT runs them op by op here
+    # (the QDQ arithmetic TensorRT implements), not fused into its CPU int8 kernels, whose
+    # int16 pairs saturate on x86 without VNNI (docs/int8.md).
+    fused = variant != "tensorrt"
+    (want,), (got,) = run_ort(s.model, {"input": x}), run_ort(out, {"input": x}, optimize=fused)
     assert _cosines(want, got).mean() >= 0.99
 
 
