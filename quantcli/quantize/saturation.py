@@ -18,7 +18,7 @@ import numpy as np
 
 PAIR_LIMIT = 128  # largest same-sign |b[k]| + |b[k+1]| that fits int16 against a = 255
 _QMAX = 127  # symmetric int8 weights use [-127, 127]
-_STEPS = 16  # scale candidates between full 8-bit and plain rounding that is already safe
+_STEPS = 8  # scale candidates between full 8-bit and plain rounding that is already safe
 _TINY = np.float32(1e-12)
 _CHUNK = 256  # columns searched at once: bounds the [4, K, C] candidate arrays
 
@@ -45,28 +45,6 @@ def pair_bound(q: np.ndarray, out_axis: int | None) -> np.ndarray:
     """
     cols = as_columns(np.asarray(q), out_axis).astype(np.int64)
     return np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
-
-
-def _cap_side(q: np.ndarray) -> np.ndarray:
-    """Make the positive side of each column pair-safe with the least change.
-
-    Two ways, chosen later by error: keep the largest value and cap the rest at
-    128 - largest (a lone outlier survives), or cap everything at 64.
-    """
-    top = q.max(axis=0, initial=0)
-    at = np.argmax(q, axis=0)
-    keep = np.minimum(q, np.maximum(PAIR_LIMIT - top, 0))
-    keep[at, np.arange(q.shape[1])] = q[at, np.arange(q.shape[1])]
-    even = np.minimum(q, PAIR_LIMIT // 2)
-    return np.stack([keep, even])
-
-
-def _safe_candidates(cols: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """[4, K, C] pair-safe integer candidates for one scale (2 ways per sign)."""
-    q = np.clip(np.rint(cols / scale), -_QMAX, _QMAX)
-    pos = _cap_side(np.maximum(q, 0))  # [2, K, C]
-    neg = _cap_side(np.maximum(-q, 0))
-    return np.stack([p - n for p in pos for n in neg])
 
 
 def pair_safe_int8(
@@ -121,12 +99,31 @@ def pair_safe_int8(
 def _capped(
     cols: np.ndarray, scale: np.ndarray | float, imp: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The pair-safe candidate with the least (weighted) error per column, and that error."""
-    cands = _safe_candidates(cols, scale)  # [4, K, C]
-    err = (imp * (cands * scale - cols) ** 2).sum(axis=1, dtype=np.float64)  # [4, C]
-    pick = np.argmin(err, axis=0)
-    cols_i = np.arange(cols.shape[1])
-    return cands[pick, :, cols_i].T, err[pick, cols_i]
+    """Pair-safe integers for one scale with the least (weighted) error per column.
+
+    Rounding, then for each sign the values that break the rule are capped in one of two
+    ways, whichever costs less in that column: all but the largest at 128 - largest (a lone
+    outlier keeps its value), or all at 64. The two signs never share an entry, so each
+    side is chosen on its own.
+    """
+    q = np.clip(np.rint(cols / scale), -_QMAX, _QMAX)
+    err = (imp * (q * scale - cols) ** 2).sum(axis=0, where=q == 0, dtype=np.float64)
+    at_cols = np.arange(q.shape[1])
+    for sign in (1.0, -1.0):
+        v = np.maximum(sign * q, 0.0)
+        side = v > 0
+        top, at = v.max(axis=0, initial=0.0), v.argmax(axis=0)
+        keep = np.minimum(v, np.maximum(PAIR_LIMIT - top, 0.0))
+        keep[at, at_cols] = top
+        even = np.minimum(v, PAIR_LIMIT // 2)
+        costs = [
+            (imp * (sign * c * scale - cols) ** 2).sum(axis=0, where=side, dtype=np.float64)
+            for c in (keep, even)
+        ]
+        use_keep = costs[0] <= costs[1]
+        q = np.where(side, sign * np.where(use_keep, keep, even), q)
+        err += np.where(use_keep, costs[0], costs[1])
+    return q, err
 
 
 def _search(
