@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from quantcli import __version__
-from quantcli.cli import calibrate_cmd, compare_cmd, convert_cmd, inspect_cmd
+from quantcli.cli import calibrate_cmd, compare_cmd, convert_cmd, inspect_cmd, tune_cmd
 from quantcli.cli.common import EXIT_INPUT, State
 
 
@@ -74,6 +74,7 @@ app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("merge")(calibrate_cmd.merge)
 app.command("convert")(convert_cmd.convert)
 app.command("compare")(compare_cmd.compare)
+app.command("tune")(tune_cmd.tune)
 
 
 def main() -> None:

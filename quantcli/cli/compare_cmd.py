@@ -74,7 +74,7 @@ def compare(
     json_: JsonOpt = False,
 ) -> None:
     """Compare QUANT with FLOAT on --data: accuracy, latency, size; exit 1 if a gate fails."""
-    from quantcli.data import open_data
+    from quantcli.data import WithLabels, open_data, read_labels_file
     from quantcli.errors import GateFailed
     from quantcli.evaluate import CompareConfig, GateSpec, compare
     from quantcli.graph.io import load_model
@@ -94,7 +94,7 @@ def compare(
     specs = input_specs(load_model(float_model, check=False).model)
     source = open_data(data, specs, images=parse_preprocess(preprocess), limit=limit)
     if labels is not None:
-        source = _WithLabels(source, _read_labels(labels))
+        source = WithLabels(source, read_labels_file(labels))
     if source.synthetic:
         warn("random data: accuracy figures are meaningless; use it for latency only")
     result = compare(float_model, quant_model, source, config, progress=_Bar())
@@ -116,29 +116,6 @@ def compare(
             if not g["passed"]
         )
         raise GateFailed(f"quality gate failed: {failed}")
-
-
-class _WithLabels:
-    """A data source whose labels come from a separate file."""
-
-    def __init__(self, source: Any, labels: Any) -> None:
-        self._source, self.labels = source, labels
-        self.description, self.num_samples = source.description, source.num_samples
-        self.synthetic = source.synthetic
-
-    def batches(self, batch_size: int) -> Any:
-        return self._source.batches(batch_size)
-
-
-def _read_labels(path: Path) -> Any:
-    import numpy as np
-
-    from quantcli.errors import DataError
-
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read labels from {path}: {exc}", hint="pass an .npy") from exc
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

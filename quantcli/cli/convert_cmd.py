@@ -124,6 +124,14 @@ def convert(
             help="INT4 MatMulNBits accuracy_level: 4 int8 activations (fast), 0 float.",
         ),
     ] = 4,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            help="INT8: replay a recipe from quantcli tune (per-node formats and every "
+            "option); with the same --data it rebuilds the same file byte for byte.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -148,6 +156,8 @@ def _int8(**o: Any) -> Any:
     from quantcli.convert import convert_int8_file
     from quantcli.quantize.config import Int8Config
 
+    if o["recipe"] is not None:
+        return _replay(o)
     if o["dynamic"] and o["format_"] not in (None, "dynamic"):
         raise InputError("--dynamic and --format are exclusive", hint="drop one of them")
     if o["algorithm"] != "rtn" or o["block_size"] != 32:
@@ -191,6 +201,33 @@ def _int8(**o: Any) -> Any:
         data_spec=o["data"],
         table_path=o["calibration"],
         calibration=calibration,
+        images=parse_preprocess(o["preprocess"]),
+        force=o["force"],
+        progress=_Bar(),
+    )
+
+
+def _replay(o: dict[str, Any]) -> Any:
+    """convert --recipe: the recipe's options, checked against the model it was made for."""
+    from quantcli.calibrate.table import model_fingerprint
+    from quantcli.convert import convert_int8_file
+    from quantcli.graph.io import check_model_path
+    from quantcli.quantize.recipe import load_recipe
+
+    recipe = load_recipe(o["recipe"])
+    check_model_path(Path(o["model"]))
+    if recipe.model_fingerprint != model_fingerprint(Path(o["model"])):
+        raise InputError(
+            f"the recipe was made for another model than {o['model']}",
+            hint="replay a recipe on the model quantcli tune searched",
+        )
+    return convert_int8_file(
+        o["model"],
+        o["output"],
+        recipe.int8,
+        data_spec=o["data"],
+        table_path=o["calibration"],
+        calibration=recipe.calibration,
         images=parse_preprocess(o["preprocess"]),
         force=o["force"],
         progress=_Bar(),

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from quantcli.data.base import Batch, DataSource
 from quantcli.data.images import ImageOptions
+from quantcli.data.labels import WithLabels, read_labels_file
 from quantcli.data.sources import open_data, parse_shard
 
-__all__ = ["Batch", "DataSource", "ImageOptions", "open_data", "parse_shard"]
+__all__ = [
+    "Batch",
+    "DataSource",
+    "ImageOptions",
+    "WithLabels",
+    "open_data",
+    "parse_shard",
+    "read_labels_file",
+]

@@ -57,8 +57,13 @@ def compare(
     """Compare FLOAT and QUANT on `data`; bad input raises InputError before any run."""
     cfg = config or CompareConfig()
     cfg.check()
-    labels = _labels(data)
-    check_gates_possible(cfg.gates, has_labels=labels is not None, latency_runs=cfg.runs)
+    labels = read_labels(data)
+    check_gates_possible(
+        cfg.gates,
+        has_labels=labels is not None,
+        latency_runs=cfg.runs,
+        has_metric=cfg.metric is not None,
+    )
     resolve_providers(cfg.provider)
     fm, qm = inspect_model(str(float_path)), inspect_model(str(quant_path))
     check_signatures(fm, qm)
@@ -69,16 +74,16 @@ def compare(
     latency_steps = cfg.warmup + cfg.runs if cfg.runs else 0
     tick = _ticker(progress, n * (2 if cfg.per_layer else 1) + latency_steps)
 
-    fs, qs = _session(fm.path, cfg), _session(qm.path, cfg)
+    fs, qs = open_session(fm.path, cfg), open_session(qm.path, cfg)
     names = [name for name, _ in fm.outputs]
-    batches = _batches(data, cfg.batch_size, n, labels)
-    outputs, (rows, feed) = _score(fs, qs, names, batches, plugin, tick)
+    batches = labelled_batches(data, cfg.batch_size, n, labels)
+    outputs, (rows, feed) = score_outputs(fs, qs, names, batches, plugin, tick)
     latency = None
     if cfg.runs:
         latency = measure_latency(fs, qs, feed, rows, cfg.runs, cfg.warmup, cfg.threads, tick)
     layers = None
     if cfg.per_layer:
-        plain = ((i, f) for i, f, _ in _batches(data, cfg.batch_size, n, None))
+        plain = ((i, f) for i, f, _ in labelled_batches(data, cfg.batch_size, n, None))
         layers = per_layer_errors(fm.path, qm.path, plain, cfg.provider, cfg.threads, tick)
     info = DataInfo(data.description, n, data.num_samples, bool(data.synthetic), labels is not None)
     custom = plugin.result() if plugin is not None else {}
@@ -87,7 +92,7 @@ def compare(
     check = saturation_of(qm.path)
     return replace(
         result,
-        gates=evaluate_gates(cfg.gates, result.summary()),
+        gates=evaluate_gates(cfg.gates, result.summary(), custom),
         host=host,
         x86_saturation=check.to_dict(),
         warnings=saturation_warnings(host, check),
@@ -123,7 +128,7 @@ Feeds = dict[str, np.ndarray]
 LabelledBatch = tuple[np.ndarray, Feeds, np.ndarray | None]  # indices, feeds, labels
 
 
-def _score(
+def score_outputs(
     fs: Any,
     qs: Any,
     names: list[str],
@@ -147,7 +152,7 @@ def _score(
     return [acc.result() for acc in accs.values()], first
 
 
-def _labels(data: DataSourceLike) -> np.ndarray | None:
+def read_labels(data: DataSourceLike) -> np.ndarray | None:
     if data.labels is None:
         return None
     labels = np.asarray(data.labels)
@@ -177,7 +182,7 @@ def _ticker(progress: Progress | None, total: int) -> Callable[[int], None]:
     return tick
 
 
-def _batches(
+def labelled_batches(
     data: DataSourceLike, batch_size: int, limit: int, labels: np.ndarray | None
 ) -> Iterator[LabelledBatch]:
     """(indices, feeds, labels) of the first `limit` samples, the last batch cut if needed.
@@ -196,7 +201,7 @@ def _batches(
             return
 
 
-def _session(path: str, cfg: CompareConfig) -> Any:
+def open_session(path: str, cfg: CompareConfig) -> Any:
     """An ORT session; both models get identical options.
 
     Spin-waiting is off: with interleaved runs, one session's idle thread pool would

@@ -24,9 +24,13 @@ class GateSpec:
     min_cosine: float | None = None  # worst output's mean per-sample cosine
     min_speedup: float | None = None  # median float latency / median quantized latency
     max_size_ratio: float | None = None  # quantized size / float size
+    min_top1: float | None = None  # top-1 agreement with float (classifiers)
+    # (metric name, "<=" or ">=", threshold) on a --metric plugin's results
+    metrics: tuple[tuple[str, str, float], ...] = ()
 
     def active(self) -> list[tuple[str, float]]:
-        return [(g.name, v) for g in _GATES if (v := getattr(self, g.field)) is not None]
+        fixed = [(g.name, v) for g in _GATES if (v := getattr(self, g.field)) is not None]
+        return fixed + [(f"metric {n} {op}", t) for n, op, t in self.metrics]
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ _GATES = (
     _Gate("min-cosine", "min_cosine", "cosine_min", upper=False),
     _Gate("min-speedup", "min_speedup", "speedup", upper=False),
     _Gate("max-size-ratio", "max_size_ratio", "size_ratio", upper=True),
+    _Gate("min-top1", "min_top1", "top1_agreement", upper=False),
 )
-_BY_NAME = {g.name: g for g in _GATES}
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,17 @@ class GateResult:
         }
 
 
-def check_gates_possible(gates: GateSpec, *, has_labels: bool, latency_runs: int) -> None:
+def check_gates_possible(
+    gates: GateSpec, *, has_labels: bool, latency_runs: int, has_metric: bool = False
+) -> None:
     """Raise InputError for a gate that is meaningless or cannot be evaluated on this run."""
+    if gates.metrics and not has_metric:
+        raise InputError(
+            f"the gate on '{gates.metrics[0][0]}' needs a metric plugin",
+            hint="pass --metric module:function that returns that name",
+        )
+    if gates.min_top1 is not None and not 0.0 <= gates.min_top1 <= 1.0:
+        raise InputError(f"--min-top1 must be within [0, 1], not {gates.min_top1}")
     for name, threshold in gates.active():
         if not math.isfinite(threshold):
             raise InputError(f"--{name} must be a finite number, not {threshold}")
@@ -85,14 +98,35 @@ def check_gates_possible(gates: GateSpec, *, has_labels: bool, latency_runs: int
         )
 
 
-def evaluate_gates(gates: GateSpec, summary: Mapping[str, float | None]) -> list[GateResult]:
-    """Each active gate against the summary's values, in a fixed order."""
+def parse_metric_gate(text: str) -> tuple[str, str, float]:
+    """'perplexity<=25.4' -> ("perplexity", "<=", 25.4), for gates on a --metric plugin."""
+    for op in ("<=", ">="):
+        name, sep, value = text.partition(op)
+        if sep:
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                break
+    raise InputError(
+        f"cannot read the metric gate '{text}'", hint="write NAME<=VALUE or NAME>=VALUE"
+    )
+
+
+def evaluate_gates(
+    gates: GateSpec,
+    summary: Mapping[str, float | None],
+    metrics: Mapping[str, float] | None = None,
+) -> list[GateResult]:
+    """Each active gate against the summary's (or the plugin metrics') values, in order."""
     results = []
+    upper = {g.name: (g.key, g.upper) for g in _GATES}
+    upper.update({f"metric {n} {op}": (n, op == "<=") for n, op, _ in gates.metrics})
+    values = {**summary, **(metrics or {})}
     for name, threshold in gates.active():
-        gate = _BY_NAME[name]
-        value = summary.get(gate.key)
+        key, is_upper = upper[name]
+        value = values.get(key)
         ok = value is not None and math.isfinite(value)
         if ok:
-            ok = value <= threshold if gate.upper else value >= threshold
+            ok = value <= threshold if is_upper else value >= threshold
         results.append(GateResult(name, threshold, value, bool(ok)))
     return results

@@ -12,6 +12,10 @@ WEIGHT_TYPES = ("int8", "uint8")
 # cpu: every CPU, x86 without VNNI included (int8 weights kept within int16 pair sums);
 # cpu-vnni: full 8-bit, for x86 with AVX512-VNNI/AVX-VNNI/AMX or ARM64 with dot product only.
 TARGETS = ("cpu", "cpu-vnni", "tensorrt")
+# Per-node formats a recipe (quantcli tune) can set, over what the planner would choose:
+# static int8 (QDQ), dynamic int8 (DynamicQuantizeMatMul), weight-only int8 (MatMulNBits
+# bits=8), or float.
+NODE_FORMATS = ("static", "dynamic", "weight-only", "float")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class Int8Config:
     # (after Gelu / gated SiLU) become blockwise int8 instead.
     smooth: bool = True
     target: str = "cpu"
+    # (node name, one of NODE_FORMATS), sorted: overrides the planner for those nodes.
+    node_formats: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _choice("--format", self.format, FORMATS)
@@ -49,8 +55,15 @@ class Int8Config:
                     "--target tensorrt uses symmetric int8 activations",
                     hint="use Int8Config.for_target('tensorrt') or drop the activation options",
                 )
+        for name, fmt in self.node_formats:
+            _choice(f"the format of node '{name}'", fmt, NODE_FORMATS)
+        if self.node_formats and self.format != "auto":
+            raise InputError("per-node formats need --format auto", hint="drop --format")
         if self.weight_type == "uint8" and self.format == "dynamic":
             raise InputError("--dynamic needs --weight-type int8", hint="drop --weight-type")
+
+    def node_format(self, name: str) -> str | None:
+        return dict(self.node_formats).get(name)
 
     @property
     def pair_safe(self) -> bool:

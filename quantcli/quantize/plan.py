@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from quantcli.errors import InputError
 from quantcli.quantize.config import Int8Config
 from quantcli.quantize.rules import (
     FUSABLE_ACTIVATIONS,
@@ -106,6 +107,7 @@ class _Planner:
         self.weight_axes: dict[str, set[int | None]] = {}
 
     def run(self) -> Plan:
+        self._check_node_formats()
         candidates = self._without_stem([n for n in self.graph if self._candidate(n)])
         readers = self._quantized_readers(candidates)
         for node in candidates:
@@ -124,6 +126,22 @@ class _Planner:
             )
         return self.plan
 
+    def _check_node_formats(self) -> None:
+        nodes = {n.name: n for n in self.graph}
+        for name, fmt in self.config.node_formats:
+            node = nodes.get(name)
+            if node is None:
+                raise InputError(
+                    f"the recipe names node '{name}', which this model does not have",
+                    hint="use the recipe with the model it was made for",
+                )
+            if fmt in ("dynamic", "weight-only") and not self._weight_matmul_in_auto(node):
+                raise InputError(
+                    f"node '{name}' ({node.op_type}) cannot be {fmt}: only a MatMul with a "
+                    "constant 2-D weight can",
+                    hint="use static or float for it",
+                )
+
     def _without_stem(self, candidates: list[ir.Node]) -> list[ir.Node]:
         """Keep stem Convs float, unless the user forced them or there is nothing else."""
         heavy = [n for n in candidates if RULES[n.op_type].heavy]
@@ -139,8 +157,12 @@ class _Planner:
     def _candidate(self, node: ir.Node) -> bool:
         rule = rule_for(node)
         name, forced = node.name or "", _matches(node.name or "", self.config.include)
+        chosen = self.config.node_format(name)
+        forced = forced or chosen not in (None, "float")
         if rule is None or (node.op_type not in self.types and not forced):
             return False
+        if chosen == "float":
+            return self._skip(node, "float by the recipe")
         if _matches(name, self.config.exclude):
             return self._skip(node, "excluded by --exclude")
         if not _is_float(node.inputs[0] if node.inputs else None):
@@ -184,12 +206,16 @@ class _Planner:
     def _goes_dynamic(self, node: ir.Node) -> bool:
         """In auto format, MatMuls with a constant 2-D weight are quantized dynamically,
         their inputs smoothed from calibration statistics..."""
-        if not self._weight_matmul_in_auto(node):
-            return False
+        chosen = self.config.node_format(node.name or "")
+        if chosen is not None or not self._weight_matmul_in_auto(node):
+            return chosen == "dynamic" and self._weight_matmul_in_auto(node)
         return self.config.smooth or not _after_outlier_activation(node)
 
     def _goes_blockwise(self, node: ir.Node) -> bool:
         """...or, without smoothing, those after outlier activations are blockwise int8."""
+        chosen = self.config.node_format(node.name or "")
+        if chosen is not None:
+            return chosen == "weight-only" and self._weight_matmul_in_auto(node)
         return self._weight_matmul_in_auto(node) and not self._goes_dynamic(node)
 
     def _plan_node(self, node: ir.Node, readers: set[str]) -> None:

@@ -219,11 +219,15 @@ class QDQPass(ir.passes.InPlacePass):
             if qp is None or not clamps_within(qp, *_activation_bounds(act)):
                 continue
             pre, post = act.inputs[0], act.outputs[0]
-            if post.is_graph_output():
-                continue
+            if post.is_graph_output() or any(self._reads_float(u.node) for u in post.uses()):
+                continue  # a reader of the float tensor still needs the clamp
             post.replace_all_uses_with(pre)
             graph.remove(act, safe=True)
             pre.name = post.name
+
+    def _reads_float(self, node: ir.Node) -> bool:
+        """A float Conv/Gemm reads the float tensor, never a DequantizeLinear (below)."""
+        return node.op_type in _WEIGHTED and node.name not in self.planned
 
     def _insert_qdq(self, graph: ir.Graph, tensor: str, qp: QParams) -> None:
         value = self._values(graph)[tensor]
@@ -249,7 +253,7 @@ class QDQPass(ir.passes.InPlacePass):
         dq_out.dtype, dq_out.shape = dtype, value.shape
         dq_out.name = self.namer(f"{tensor}_dequantized")
         for node, idx in uses:
-            if node.op_type in _WEIGHTED and node.name not in self.planned:
+            if self._reads_float(node):
                 # A float Conv/Gemm fed by a DequantizeLinear gets its weights quantized by
                 # ONNX Runtime's WeightBiasQuantization, per tensor: ruinous for depthwise
                 # convs (EfficientNet-Lite0 top-1 0.48 with one excluded). It reads the float.

@@ -1,0 +1,1 @@
+"""quantcli tune: the fastest model within an accuracy budget, searched per node."""

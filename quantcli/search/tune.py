@@ -1,0 +1,408 @@
+"""`tune_file`: the fastest INT8 model whose accuracy stays within a budget.
+
+1. Calibrate once for the default plan (a candidate that needs a tensor more, e.g. the input
+   of a Conv whose producer went float, gets it calibrated once into the shared table) and
+   score the default conversion on the full evaluation set.
+2. If it misses the budget, rank the groups (space.py): each group moved one rung towards
+   float alone, scored on the samples the default gets most wrong (NNCF's ranking idea).
+3. Greedy: apply the best-ranked moves one at a time, each checked on the full set and
+   undone if it did not help, until the budget holds; then try a second rung where needed.
+4. Speed pass: among budget-passing candidates latency decides; moves back towards int8
+   that keep the budget and are faster are kept (float islands cost Q/DQ and layout work).
+
+Every trial is logged and the state saved after each, so an interrupted run resumes. The
+winner is written with a recipe that `convert --recipe` replays byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from quantcli.calibrate.api import calibrate_file
+from quantcli.calibrate.config import CalibrationConfig
+from quantcli.calibrate.runner import calibrate_model
+from quantcli.calibrate.table import CalibrationTable, model_fingerprint
+from quantcli.data import WithLabels, open_data
+from quantcli.errors import GateFailed, InputError
+from quantcli.evaluate.gates import GateSpec, check_gates_possible
+from quantcli.evaluate.result import CompareConfig
+from quantcli.graph.io import check_model_path, check_output_path, load_model, save_model
+from quantcli.graph.signature import input_specs
+from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8 import quantize_int8
+from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.recipe import Recipe
+from quantcli.search.evaluator import Evaluator, Score
+from quantcli.search.space import Assignment, Space, build_space
+
+SPEED_MARGIN = 1.02  # a move must be this much faster to count: latency is noisy
+Progress = Callable[[str, int, int, float | None], None]  # stage, trials, max, best speedup
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    gates: GateSpec  # the accuracy budget (min-speedup, if set, must hold too)
+    max_trials: int = 60
+    time_budget: float | None = None  # seconds for the whole search
+    rank_samples: int = 64  # the worst samples used to rank moves
+    base: Int8Config = field(default_factory=Int8Config)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    compare: CompareConfig = field(default_factory=lambda: CompareConfig(runs=30, warmup=5))
+
+    def __post_init__(self) -> None:
+        if not self.gates.active():
+            raise InputError(
+                "tune needs an accuracy budget",
+                hint="give --max-drop, --min-cosine, --min-top1 or --metric-gate",
+            )
+        if self.max_trials < 1 or self.rank_samples < 1:
+            raise InputError("--max-trials and --rank-samples must be at least 1")
+        if self.base.format != "auto" or self.base.node_formats:
+            raise InputError("tune searches the auto format", hint="drop --format")
+
+
+@dataclass
+class Trial:
+    stage: str  # default | rank | greedy | speed
+    assignment: Assignment
+    formats: dict[str, str]
+    score: dict[str, Any]
+    passed: bool
+    subset: bool
+    speedup: float | None = None
+    quant_ms: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "assignment": list(self.assignment),
+            "formats": self.formats,
+            "score": self.score,
+            "passed": self.passed,
+            "subset": self.subset,
+            "speedup": self.speedup,
+            "quant_ms": self.quant_ms,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class TuneResult:
+    found: bool
+    best: Trial | None
+    trials: list[Trial]
+    space: Space
+    output: Path | None
+    recipe: Path | None
+    stopped: str  # why the search ended
+    held_back: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "quantcli.tune/1",
+            "found": self.found,
+            "output": str(self.output) if self.output else None,
+            "recipe": str(self.recipe) if self.recipe else None,
+            "stopped": self.stopped,
+            "best": self.best.to_dict() if self.best else None,
+            "held_back": self.held_back,
+            "groups": [
+                {"name": g.name, "nodes": list(g.nodes), "ladder": list(g.ladder)}
+                for g in self.space.groups
+            ],
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+
+class _Search:
+    def __init__(self, model: Path, config: TuneConfig, evaluator: Evaluator, table, calib,
+                 space, workdir: Path, state: Path, progress: Progress | None) -> None:  # fmt: skip
+        self.model, self.config, self.evaluator, self.calib = model, config, evaluator, calib
+        self.table: CalibrationTable = table
+        self.space: Space = space
+        self.workdir, self.state, self.progress = workdir, state, progress
+        self.trials: list[Trial] = []
+        self.known: dict[tuple[str, Assignment, bool], Trial] = {}
+        self.started = time.monotonic()
+        self.stopped = "search finished"
+        self._load_state()
+
+    # ------------------------------------------------------------------ budget and state
+
+    def out_of_budget(self) -> bool:
+        fresh = sum(1 for t in self.trials if t.seconds > 0)
+        if fresh >= self.config.max_trials:
+            self.stopped = f"--max-trials {self.config.max_trials} reached"
+            return True
+        limit = self.config.time_budget
+        if limit is not None and time.monotonic() - self.started > limit:
+            self.stopped = f"--time-budget {limit:g} s reached"
+            return True
+        return False
+
+    def _load_state(self) -> None:
+        if not self.state.exists():
+            return
+        doc = json.loads(self.state.read_text())
+        if doc.get("fingerprint") != model_fingerprint(self.model):
+            return  # another model: start afresh (the file is rewritten)
+        for t in doc.get("trials", []):
+            trial = Trial(
+                t["stage"], tuple(t["assignment"]), t["formats"], t["score"], t["passed"],
+                t["subset"], t["speedup"], t["quant_ms"], 0.0,
+            )  # fmt: skip
+            key = ("rank" if trial.subset else "full", trial.assignment, trial.subset)
+            self.known[key] = trial
+
+    def _save_state(self) -> None:
+        doc = {
+            "fingerprint": model_fingerprint(self.model),
+            "trials": [t.to_dict() for t in self.trials],
+        }
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(self.state)
+
+    # ------------------------------------------------------------------ trials
+
+    def build(self, assignment: Assignment) -> Path:
+        config = replace(self.config.base, node_formats=self.space.node_formats(assignment))
+        self._extend_table(config)
+        loaded = load_model(self.model)
+        result = quantize_int8(loaded, config, table=self.table)
+        path = self.workdir / ("-".join(map(str, assignment)) or "default") / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(result.model, path, force=True, external_data=loaded.external_data)
+        return path
+
+    def _extend_table(self, config: Int8Config) -> None:
+        """Calibrate the tensors a candidate needs that the table lacks (a node gone float
+        can leave its reader's input without a shared range), once, into the shared table."""
+        prepared, plan = prepare_for_int8(load_model(self.model).model, config)
+        missing = [t for t in plan.activations if t not in self.table.ranges]
+        axes = {t: a for t, a in plan.channel_axes().items() if t not in self.table.channels}
+        if not missing and not axes:
+            return
+        extra = calibrate_model(
+            prepared, self.model, missing, self.calib, self.config.calibration, None, axes
+        )
+        self.table.stats.update(extra.stats)
+        self.table.ranges.update(extra.ranges)
+        self.table.channels.update(extra.channels)
+
+    def trial(self, stage: str, assignment: Assignment, subset: list[int] | None = None) -> Trial:
+        key = ("rank" if subset else "full", assignment, subset is not None)
+        if key in self.known:
+            trial = self.known[key]
+            if not any(t is trial for t in self.trials):
+                self.trials.append(trial)  # from a saved state: logged again, not re-run
+            return trial
+        start = time.monotonic()
+        path = self.build(assignment)
+        score: Score = self.evaluator.score(path, subset)
+        trial = Trial(
+            stage, assignment, self.space.formats(assignment), score.to_dict(), score.passed,
+            subset is not None,
+        )  # fmt: skip
+        if score.passed and subset is None:
+            lat = self.evaluator.latency(path)
+            trial.speedup, trial.quant_ms = lat.speedup, lat.quant_stats.median_ms
+            trial.passed = self._speed_ok(lat.speedup)
+        trial.seconds = time.monotonic() - start
+        self.known[key] = trial
+        self.trials.append(trial)
+        self._save_state()
+        shutil.rmtree(path.parent, ignore_errors=True)
+        best = self.best()
+        if self.progress:
+            done = sum(1 for t in self.trials if t.seconds > 0)
+            self.progress(stage, done, self.config.max_trials, best.speedup if best else None)
+        return trial
+
+    def _speed_ok(self, speedup: float) -> bool:
+        wanted = self.config.gates.min_speedup
+        return wanted is None or speedup >= wanted
+
+    def best(self) -> Trial | None:
+        """The fastest passing trial; earlier ones win ties (the search keeps a move only
+        when it is SPEED_MARGIN faster, so noise does not pick the winner)."""
+        best = None
+        for t in self.trials:
+            if not t.passed or t.subset or t.speedup is None:
+                continue
+            if best is None or t.speedup > (best.speedup or 0) * SPEED_MARGIN:
+                best = t
+        return best
+
+    # ------------------------------------------------------------------ the search
+
+    def run(self, worst: Callable[[Path], list[int]]) -> None:
+        current = self.trial("default", self.space.start)
+        if not current.passed and not self.out_of_budget():
+            current = self.greedy(current, worst)
+        if self.best() is not None and not self.out_of_budget():
+            self.speed_pass()
+
+    def greedy(self, current: Trial, worst: Callable[[Path], list[int]]) -> Trial:
+        subset = worst(self.build(current.assignment))
+        for _ in range(max(len(g.ladder) for g in self.space.groups) if self.space.groups else 0):
+            order = self.rank(current, subset)
+            if not order:
+                break
+            for index in order:
+                if self.out_of_budget():
+                    return current
+                moved = self.space.step(current.assignment, index)
+                if moved is None:
+                    continue
+                trial = self.trial("greedy", moved)
+                if _error(trial) < _error(current) or trial.passed:
+                    current = trial  # kept; otherwise the move is undone
+                if current.passed:
+                    return current
+        return current
+
+    def rank(self, current: Trial, subset: list[int]) -> list[int]:
+        """Groups by how much one rung towards float helps on the worst samples."""
+        gains = []
+        base = self.trial("rank", current.assignment, subset)
+        for index in range(len(self.space.groups)):
+            moved = self.space.step(current.assignment, index)
+            if moved is None or self.out_of_budget():
+                continue
+            gains.append((_error(base) - _error(self.trial("rank", moved, subset)), index))
+        return [i for gain, i in sorted(gains, key=lambda g: (-g[0], g[1])) if gain > 0]
+
+    def speed_pass(self) -> None:
+        """One rung either way per group, kept when the budget holds and it is faster:
+        back towards int8 (a float island costs Q/DQ and layout changes), or towards float
+        (an int8 kernel slower than float, as on tiny layers)."""
+        best = self.best()
+        for index in range(len(self.space.groups)):
+            for by in (-1, 1):
+                if best is None or self.out_of_budget():
+                    return
+                moved = self.space.step(best.assignment, index, by=by)
+                if moved is None:
+                    continue
+                trial = self.trial("speed", moved)
+                if trial.passed and (trial.speedup or 0) > (best.speedup or 0) * SPEED_MARGIN:
+                    best = trial
+
+
+def _error(trial: Trial) -> float:
+    """How far a trial is from its budget: the sum of relative gate shortfalls (0: met)."""
+    total = 0.0
+    for gate in trial.score["gates"]:
+        value, threshold = gate["value"], gate["threshold"]
+        if value is None:
+            total += 1e9
+        elif not gate["passed"]:
+            total += abs(value - threshold) / max(abs(threshold), 1e-9)
+    return total
+
+
+def tune_file(
+    model_path: Path,
+    output: Path,
+    config: TuneConfig,
+    *,
+    data_spec: str,
+    eval_spec: str,
+    labels: Any = None,
+    write_best: bool = False,
+    force: bool = False,
+    state_path: Path | None = None,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Search per-node formats for the fastest model within the budget and write it."""
+    from quantcli.convert import convert_int8_file
+
+    check_model_path(Path(model_path))
+    check_output_path(
+        output, inputs=[Path(model_path), Path(data_spec), Path(eval_spec)], force=force
+    )
+    loaded = load_model(model_path)
+    evaluation = open_data(eval_spec, input_specs(loaded.model))
+    if labels is not None:
+        evaluation = WithLabels(evaluation, labels)
+    cfg = config.compare
+    check_gates_possible(
+        config.gates,
+        has_labels=evaluation.labels is not None,
+        latency_runs=max(cfg.runs, 1),
+        has_metric=cfg.metric is not None,
+    )
+    _, plan = prepare_for_int8(loaded.model, config.base)
+    inputs = {
+        n.name or "": (n.inputs[0].name or "")
+        for n in loaded.model.graph
+        if n.inputs and n.inputs[0] is not None
+    }
+    space = build_space(plan, inputs)
+    table, calib = calibrate_file(model_path, data_spec, config.calibration, config.base)
+    state = state_path or output.with_name(output.name + ".tune-state.json")
+    workdir = Path(tempfile.mkdtemp(prefix=".quantcli-tune-", dir=output.parent))
+    try:
+        evaluator = Evaluator(Path(model_path), evaluation, config.gates, cfg, workdir / "float")
+        search = _Search(
+            Path(model_path), config, evaluator, table, calib, space, workdir, state, progress
+        )
+        search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    best = search.best()
+    found = best is not None
+    result = TuneResult(found, best, search.trials, space, None, None, search.stopped, [])
+    pick = best or min((t for t in search.trials if not t.subset), key=_error, default=None)
+    if not found:
+        result.best = pick
+        result.held_back = _held_back(pick)
+    if pick is not None and (found or write_best):
+        recipe = Recipe(
+            model_fingerprint(Path(model_path)),
+            replace(config.base, node_formats=space.node_formats(pick.assignment)),
+            config.calibration,
+        )
+        recipe_path = output.with_name(output.stem + ".recipe.json")
+        convert_int8_file(
+            model_path, output, recipe.int8, data_spec=data_spec,
+            calibration=recipe.calibration, force=force,
+        )  # fmt: skip
+        recipe.save(recipe_path)
+        result.output, result.recipe = output, recipe_path
+    if found:
+        state.unlink(missing_ok=True)
+    return result
+
+
+def _activation_inputs(model: Any) -> dict[str, str]:
+    return {
+        node.name or "": node.inputs[0].name or ""
+        for node in model.graph
+        if node.inputs and node.inputs[0] is not None
+    }
+
+
+def _held_back(trial: Trial | None) -> list[str]:
+    if trial is None:
+        return ["no candidate could be evaluated"]
+    return [
+        f"{g['name']}: {g['value']} vs {g['threshold']}"
+        for g in trial.score["gates"]
+        if not g["passed"]
+    ] or ["latency: slower than --min-speedup"]
+
+
+def raise_if_not_found(result: TuneResult) -> None:
+    if not result.found:
+        why = "; ".join(result.held_back)
+        raise GateFailed(f"no candidate met the budget ({result.stopped}): {why}")
