@@ -144,3 +144,36 @@ def test_recipes_are_checked(cli: Cli, tmp_path: Path) -> None:
         "convert", DIGITS.model, "--recipe", path, "--data", DIGITS.calib, "-o", out, "--force"
     )
     assert onnx.load(out) == proto  # the earlier output is untouched
+
+
+def test_an_interrupted_search_resumes_to_the_same_result(cli: Cli, tmp_path: Path) -> None:
+    budget = ("--min-cosine", "0.99995")
+    whole = _tune(cli, tmp_path / "whole.onnx", *budget, "--max-trials", "40")
+    cut = tmp_path / "cut.onnx"
+    _tune(cli, cut, *budget, "--max-trials", "4", code=1)  # stopped part-way
+    resumed = _tune(cli, cut, *budget, "--max-trials", "40")
+    assert resumed["found"]
+    assert sum(1 for t in resumed["trials"] if t["seconds"] == 0) >= 4  # reused, not re-run
+
+    def accuracy_path(doc: dict) -> list:
+        """The accuracy-driven part: which moves were tried and the first that fits.
+        (The speed pass then picks by measured latency, which is noisy run to run.)"""
+        steps = [(t["stage"], t["assignment"]) for t in doc["trials"] if t["stage"] != "speed"]
+        first = next(t["assignment"] for t in doc["trials"] if t["passed"])
+        return [steps, first]
+
+    assert accuracy_path(resumed) == accuracy_path(whole)
+
+
+def test_budgets_that_cannot_be_measured_are_refused(cli: Cli, tmp_path: Path) -> None:
+    sample_enc = ["tune", ENCODER.model, "--data", ENCODER.calib, "--eval", ENCODER.calib]
+    line = cli.fails(*sample_enc, "--max-drop", "1", "-o", tmp_path / "o.onnx")
+    assert "needs labels" in line
+    base = ["tune", DIGITS.model, "--data", DIGITS.calib, "--eval", DIGITS.eval]
+    line = cli.fails(*base, "--metric-gate", "ppl<=3", "-o", tmp_path / "o.onnx")
+    assert "needs a metric plugin" in line
+    line = cli.fails(
+        *base, "--min-cosine", "1", "--metric", "nope_mod:fn", "-o", tmp_path / "o.onnx"
+    )
+    assert "nope_mod" in line
+    assert not list(tmp_path.iterdir())
