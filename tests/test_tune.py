@@ -177,3 +177,29 @@ def test_budgets_that_cannot_be_measured_are_refused(cli: Cli, tmp_path: Path) -
     )
     assert "nope_mod" in line
     assert not list(tmp_path.iterdir())
+
+
+def test_compare_gates_on_top1_and_on_a_plugin_metric(cli: Cli, tmp_path: Path) -> None:
+    plugin = tmp_path / "mae.py"
+    plugin.write_text(
+        "import numpy as np\n"
+        "class Mae:\n"
+        "    def __init__(self):\n"
+        "        self.total, self.n = 0.0, 0\n"
+        "    def update(self, f, q, labels):\n"
+        "        a, b = next(iter(f.values())), next(iter(q.values()))\n"
+        "        self.total += float(np.abs(a - b).mean()); self.n += 1\n"
+        "    def result(self):\n"
+        "        return {'mae': self.total / self.n}\n"
+    )
+    out = tmp_path / "q.onnx"
+    convert_int8_file(DIGITS.model, out, Int8Config(), data_spec=str(DIGITS.calib))
+    base = ["compare", DIGITS.model, out, "--data", DIGITS.eval, "--runs", "0", "--json"]
+    base += ["--metric", f"{plugin}:Mae"]
+    result = cli(*base, "--min-top1", "0.99", "--metric-gate", "mae<=0.000001")
+    assert result.exit_code == 1
+    gates = {g["name"]: g for g in json.loads(result.stdout)["gates"]}
+    assert gates["min-top1"]["passed"] and gates["min-top1"]["value"] >= 0.99
+    assert not gates["metric mae <="]["passed"] and gates["metric mae <="]["value"] > 0
+    result = cli(*base, "--metric-gate", "mae<=10")
+    assert result.exit_code == 0, result.stderr

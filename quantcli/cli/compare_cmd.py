@@ -65,6 +65,13 @@ def compare(
     max_size_ratio: Annotated[
         float | None, typer.Option("--max-size-ratio", help="Gate: max quant/float file size.")
     ] = None,
+    min_top1: Annotated[
+        float | None, typer.Option("--min-top1", help="Gate: min top-1 agreement with float.")
+    ] = None,
+    metric_gate: Annotated[
+        list[str] | None,
+        typer.Option("--metric-gate", help="Gate on a --metric result: NAME<=V or NAME>=V."),
+    ] = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write a report: .json, .md or .html.")
     ] = None,
@@ -77,10 +84,18 @@ def compare(
     from quantcli.data import WithLabels, open_data, read_labels_file
     from quantcli.errors import GateFailed
     from quantcli.evaluate import CompareConfig, GateSpec, compare
+    from quantcli.evaluate.gates import parse_metric_gate
     from quantcli.graph.io import load_model
     from quantcli.graph.signature import input_specs
 
-    gates = GateSpec(max_drop, min_cosine, min_speedup, max_size_ratio)
+    gates = GateSpec(
+        max_drop,
+        min_cosine,
+        min_speedup,
+        max_size_ratio,
+        min_top1,
+        tuple(parse_metric_gate(g) for g in metric_gate or ()),
+    )
     config = CompareConfig(
         provider=provider,
         threads=threads,
