@@ -144,7 +144,7 @@ def score_outputs(
         for name, acc in accs.items():
             acc.update(fo[name], qo[name], indices, lab)
         if plugin is not None:
-            plugin.update(fo, qo, lab)
+            plugin.update(fo, qo, lab, feeds)
         first = first or (len(indices), feeds)
         tick(len(indices))
     if first is None:

@@ -15,6 +15,9 @@
           def update(self, float_outputs, quant_outputs, labels) -> None: ...
           def result(self) -> dict[str, float]: ...
 
+  An `update` with a fourth parameter also gets the batch's inputs (name -> array): a
+  language model's perplexity needs the token ids it predicts.
+
 `labels` holds the class index of each sample given, or None when the data has no labels.
 """
 
@@ -42,9 +45,21 @@ class MetricPlugin:
     def __init__(self, spec: str, target: Any) -> None:
         self.spec = spec
         self.target = target
+        try:
+            params = inspect.signature(target.update).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self.wants_inputs = len(params) >= 4
 
-    def update(self, float_out: Outputs, quant_out: Outputs, labels: np.ndarray | None) -> None:
-        self._call(self.target.update, float_out, quant_out, labels)
+    def update(
+        self,
+        float_out: Outputs,
+        quant_out: Outputs,
+        labels: np.ndarray | None,
+        inputs: Outputs | None = None,
+    ) -> None:
+        extra = (inputs or {},) if self.wants_inputs else ()
+        self._call(self.target.update, float_out, quant_out, labels, *extra)
 
     def result(self) -> dict[str, float]:
         values = self._call(self.target.result)
