@@ -6,6 +6,9 @@ Ranges always contain zero so that zero (padding, ReLU outputs) is exact.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,10 +148,37 @@ def quantize_weight(
     `pair_safe` keeps int8 weights within what x86 kernels without VNNI can add in int16
     (`saturation.py`); 7-bit (`reduce_range`) and uint8 weights are safe already.
     """
-    if pair_safe and dtype == "int8" and not reduce_range:
-        from quantcli.quantize.saturation import pair_safe_int8
+    if not (pair_safe and dtype == "int8" and not reduce_range):
+        qp = weight_qparams(w, axis, dtype, True, reduce_range)
+        return quantize(w, qp), qp
+    key = None
+    if _REUSED is not None:  # a search builds the same weights over and over
+        digest = hashlib.sha1(np.ascontiguousarray(w, np.float32).tobytes())
+        if importance is not None:
+            digest.update(np.ascontiguousarray(importance, np.float32).tobytes())
+        key = (digest.hexdigest(), w.shape, axis)
+        if key in _REUSED:
+            return _REUSED[key]
+    from quantcli.quantize.saturation import pair_safe_int8
 
-        q, scale = pair_safe_int8(w, axis, axis is not None, importance)
-        return q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
-    qp = weight_qparams(w, axis, dtype, True, reduce_range)
-    return quantize(w, qp), qp
+    q, scale = pair_safe_int8(w, axis, axis is not None, importance)
+    found = q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
+    if _REUSED is not None:
+        _REUSED[key] = found
+    return found
+
+
+_REUSED: dict | None = None
+
+
+@contextlib.contextmanager
+def reusing_weights() -> Iterator[None]:
+    """Within the block, a pair-safe weight already quantized (same values, axis and
+    importance) is reused instead of searched again: `quantcli tune` builds many
+    candidates of one model."""
+    global _REUSED
+    _REUSED = {}
+    try:
+        yield
+    finally:
+        _REUSED = None

@@ -37,6 +37,7 @@ from quantcli.graph.io import check_model_path, check_output_path, load_model, s
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.config import Int8Config
 from quantcli.quantize.int8 import quantize_int8
+from quantcli.quantize.math import reusing_weights
 from quantcli.quantize.prepare import prepare_for_int8
 from quantcli.quantize.recipe import Recipe
 from quantcli.search.evaluator import Evaluator, Score
@@ -356,7 +357,8 @@ def tune_file(
         search = _Search(
             Path(model_path), config, evaluator, table, calib, space, workdir, state, progress
         )
-        search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
+        with reusing_weights():
+            search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     best = search.best()
