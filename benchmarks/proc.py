@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -44,10 +45,15 @@ def last_line(text: str) -> str:
 
 
 def run_tool(
-    cmd: list[str], timeout_s: float, max_rss_gb: float, env: dict[str, str] | None = None
+    cmd: list[str],
+    timeout_s: float,
+    max_rss_gb: float,
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
 ) -> dict[str, Any]:
     """Run `cmd`; ok, wall_s, peak_rss_mb (the larger of wait4's ru_maxrss of the tool, taken by
-    a fresh launcher, and the RSS of its process tree polled every 50 ms), error."""
+    a fresh launcher, and the RSS of its process tree polled every 50 ms), error. The tool's
+    standard output is kept in `stdout` when given."""
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
@@ -77,7 +83,9 @@ def run_tool(
         err.seek(0)
         stderr = err.read().decode(errors="replace")
         out.seek(0)
-        stdout = out.read().decode(errors="replace")
+        printed = out.read().decode(errors="replace")
+        if stdout is not None:
+            stdout.write_text(printed)
         maxrss_kb = int(rss_file.read().strip() or 0)
     peak_mb = max(maxrss_kb / 1024, polled_peak / 2**20)
     result: dict[str, Any] = {
@@ -86,5 +94,5 @@ def run_tool(
         "peak_rss_mb": round(peak_mb, 1),
     }
     if not result["ok"]:
-        result["error"] = killed or f"exit {proc.returncode}: {last_line(stderr or stdout)}"
+        result["error"] = killed or f"exit {proc.returncode}: {last_line(stderr or printed)}"
     return result
