@@ -84,8 +84,8 @@ def calibrate(
     json_: JsonOpt = False,
 ) -> None:
     """Record activation ranges of MODEL over the samples in --data into a table (JSON)."""
-    from quantcli.calibrate.api import calibrate_file
     from quantcli.calibrate.config import CalibrationConfig
+    from quantcli.calibration import calibrate_file
     from quantcli.data import parse_shard
     from quantcli.quantize.config import Int8Config
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from quantcli.calibrate.api import calibrate_file
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.runner import calibrate_model
 from quantcli.calibrate.table import CalibrationTable, model_fingerprint
+from quantcli.calibration import calibrate_file
 from quantcli.data import WithLabels, open_data
 from quantcli.errors import GateFailed, InputError
 from quantcli.evaluate.gates import GateSpec, check_gates_possible

@@ -1,4 +1,5 @@
-"""`calibrate_file`: the library function behind `quantcli calibrate`."""
+"""`calibrate_file`: the library function behind `quantcli calibrate` (it plans, so it sits
+above calibrate/, which never imports quantize/)."""
 
 from __future__ import annotations
 
