@@ -35,8 +35,16 @@ def calibrate_file(
         shard=config.shard,
         limit=config.limit,
     )
-    prepared, plan = prepare_for_int8(loaded.model, int8 or Int8Config())
+    int8 = int8 or Int8Config()
+    prepared, plan = prepare_for_int8(loaded.model, int8)
     table = calibrate_model(
-        prepared, loaded.path, plan.activations, data, config, progress, plan.channel_axes()
+        prepared,
+        loaded.path,
+        plan.activations,
+        data,
+        config,
+        progress,
+        plan.channel_axes(),
+        gram=int8.pair_safe,  # for GPTQ-style rounding of pair-safe weights
     )
     return table, data

@@ -285,3 +285,59 @@ def test_cli_summary_and_compare_say_target_and_host(cli: Cli, tmp_path: Path) -
     assert doc["host"]["onnxruntime"] and doc["host"]["int8_isa"]
     assert doc["x86_saturation"]["safe"] is False and doc["warnings"]
     assert "int16 pairs" in result.stderr
+
+
+@settings(max_examples=25)
+@given(
+    hnp.arrays(np.float32, (12, 5), elements=st.floats(-2, 2, width=32)),
+    hnp.arrays(np.float32, (40, 12), elements=st.floats(-3, 3, width=32)),
+)
+def test_gptq_rounding_stays_pair_safe_and_never_moves_the_output_more(w, x) -> None:
+    gram = x.astype(np.float64).T @ x
+    plain, s0 = pair_safe_int8(w, 1, True, np.diag(gram))
+    q, s1 = pair_safe_int8(w, 1, True, np.diag(gram), gram)
+    assert pair_bound(q, 1).max(initial=0) <= PAIR_LIMIT
+    np.testing.assert_array_equal(s0, s1)  # same scales: only the rounding changes
+
+    def moved(q_: np.ndarray) -> np.ndarray:
+        e = q_ * s1 - w.astype(np.float64)
+        return np.einsum("kc,kc->c", e, gram @ e)
+
+    assert np.all(moved(q) <= moved(plain) * (1 + 1e-9) + 1e-12)
+
+
+def test_gptq_rounding_halves_the_output_error_on_correlated_inputs() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 96)) @ (rng.standard_normal((96, 96)) * 0.3 + np.eye(96))
+    w = (rng.standard_normal((96, 48)) * 0.05).astype(np.float32)
+    gram = x.T @ x
+    plain, s0 = pair_safe_int8(w, 1, True, np.diag(gram))
+    q, s1 = pair_safe_int8(w, 1, True, np.diag(gram), gram)
+    err = [float(((x @ (qq * s - w)) ** 2).mean()) for qq, s in ((plain, s0), (q, s1))]
+    assert err[1] < 0.7 * err[0]
+
+
+def test_tables_keep_their_gram_sums_beside_them(tmp_path: Path) -> None:
+    from quantcli.calibrate.table import gram_path, load_table, merge_tables, save_table
+    from quantcli.calibration import calibrate_file
+
+    s = sample("digits_cnn")
+    halves = []
+    for shard in ((0, 2), (1, 2)):
+        table, _ = calibrate_file(s.model, str(s.calib), CalibrationConfig(limit=64, shard=shard))
+        halves.append(table)
+    assert halves[0].grams()  # the default target asks for them
+    path = tmp_path / "t.json"
+    save_table(halves[0], path)
+    assert gram_path(path).exists() and "gram" in json.loads(path.read_text())
+    loaded = load_table(path)
+    for name, g in halves[0].grams().items():
+        np.testing.assert_array_equal(loaded.channels[name].gram, g)
+    merged = merge_tables(halves)
+    name = next(iter(halves[0].grams()))
+    np.testing.assert_allclose(
+        merged.channels[name].gram, halves[0].grams()[name] + halves[1].grams()[name]
+    )
+    gram_path(path).unlink()
+    with pytest.raises(InputError, match=r"gram\.npz"):
+        load_table(path)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+MAX_GRAM_CHANNELS = 4096  # a [C, C] float64 sum is 128 MB at this size
+
 
 @dataclass
 class ChannelStats:
@@ -22,6 +24,10 @@ class ChannelStats:
     absmax: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 per channel
     count: int = 0  # values per channel seen
     squares: np.ndarray | None = None  # float64 sums of x^2 per channel (None: older table)
+    # Sums of x x^T over channels (float64 [C, C]) when asked for: GPTQ-style rounding of
+    # pair-safe weights (saturation.py). Saved beside a table file (table.py), not in it.
+    gram: np.ndarray | None = None
+    track_gram: bool = False
 
     def update(self, x: np.ndarray) -> None:
         axis = self.axis % x.ndim
@@ -32,22 +38,35 @@ class ChannelStats:
             sums, absmax = sums + self.sums, np.maximum(absmax, self.absmax)
             squares = squares + self.squares if self.squares is not None else None
         self.sums, self.absmax, self.squares = sums, absmax, squares
+        if self.track_gram and moved.shape[1] <= MAX_GRAM_CHANNELS:
+            gram = moved.T @ moved
+            self.gram = gram if self.gram is None else self.gram + gram
         self.count += moved.shape[0]
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         if self.count == 0 or other.count == 0:
             source = other if self.count == 0 else self
             squares = None if source.squares is None else source.squares.copy()
+            gram = None if source.gram is None else source.gram.copy()
             return ChannelStats(
-                source.axis, source.sums.copy(), source.absmax.copy(), source.count, squares
+                source.axis,
+                source.sums.copy(),
+                source.absmax.copy(),
+                source.count,
+                squares,
+                gram,
+                source.track_gram,
             )
         both = self.squares is not None and other.squares is not None
+        grams = self.gram is not None and other.gram is not None
         return ChannelStats(
             self.axis,
             self.sums + other.sums,
             np.maximum(self.absmax, other.absmax),
             self.count + other.count,
             self.squares + other.squares if both else None,  # type: ignore[operator]
+            self.gram + other.gram if grams else None,  # type: ignore[operator]
+            self.track_gram,
         )
 
     @property

@@ -56,11 +56,14 @@ def collect_stats(
     progress: Progress | None = None,
     provider: str = "cpu",
     channel_axes: dict[str, int] | None = None,
+    gram: bool = False,
 ) -> tuple[dict[str, TensorStats], dict[str, ChannelStats]]:
     """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`,
-    and per-channel statistics of those named in `channel_axes`."""
+    and per-channel statistics of those named in `channel_axes` (with x x^T sums if `gram`)."""
     stats = {name: TensorStats() for name in tensors}
-    channels = {name: ChannelStats(axis) for name, axis in (channel_axes or {}).items()}
+    channels = {
+        name: ChannelStats(axis, track_gram=gram) for name, axis in (channel_axes or {}).items()
+    }
 
     def update(values: dict[str, np.ndarray], indices: range) -> None:
         for name, array in values.items():
@@ -115,10 +118,12 @@ def calibrate_model(
     config: CalibrationConfig,
     progress: Progress | None = None,
     channel_axes: dict[str, int] | None = None,
+    gram: bool = False,
 ) -> CalibrationTable:
-    """A full calibration table for a prepared model's planned tensors."""
+    """A full calibration table for a prepared model's planned tensors (`gram`: also the
+    in-memory x x^T sums of the channel-statistics tensors)."""
     stats, channels = collect_stats(
-        model, tensors, data, config.batch_size, progress, channel_axes=channel_axes
+        model, tensors, data, config.batch_size, progress, channel_axes=channel_axes, gram=gram
     )
     table = CalibrationTable(
         fingerprint=model_fingerprint(model_path),

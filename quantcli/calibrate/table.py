@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from quantcli.calibrate.channel_stats import ChannelStats
@@ -80,7 +81,20 @@ class CalibrationTable:
                 for name, s in sorted(self.stats.items())
             },
             "channels": {name: c.to_dict() for name, c in sorted(self.channels.items())},
+            **({"gram": self.gram_manifest()} if self.grams() else {}),
         }
+
+    def grams(self) -> dict[str, np.ndarray]:
+        """The in-memory x x^T sums, by tensor (they go to a sidecar .npz, not the JSON)."""
+        return {n: c.gram for n, c in sorted(self.channels.items()) if c.gram is not None}
+
+    def gram_manifest(self) -> dict[str, Any]:
+        grams = self.grams()
+        digest = hashlib.sha256()
+        for name, g in grams.items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(g, np.float64).tobytes())
+        return {"tensors": list(grams), "sha256": digest.hexdigest()}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "table") -> CalibrationTable:
@@ -110,6 +124,11 @@ class CalibrationTable:
         return table
 
 
+def gram_path(table_path: Path) -> Path:
+    """Where a table's x x^T sums live: `table.json.gram.npz` beside it."""
+    return table_path.with_name(table_path.name + ".gram.npz")
+
+
 def load_table(path: Path) -> CalibrationTable:
     if not path.is_file():
         raise InputError(f"calibration table {path} does not exist", hint="check the path")
@@ -117,11 +136,40 @@ def load_table(path: Path) -> CalibrationTable:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON ({exc})", hint="pass a table.json") from exc
-    return CalibrationTable.from_dict(doc, source=str(path))
+    table = CalibrationTable.from_dict(doc, source=str(path))
+    if "gram" in doc:
+        _load_grams(table, doc["gram"], gram_path(path))
+    return table
+
+
+def _load_grams(table: CalibrationTable, manifest: dict[str, Any], path: Path) -> None:
+    hint = "keep the .gram.npz file beside its table, or recalibrate"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = [stored[f"g{i}"] for i in range(len(manifest["tensors"]))]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"cannot read {path}, which the table needs ({exc})", hint=hint) from exc
+    for name, gram in zip(manifest["tensors"], arrays, strict=True):
+        if name in table.channels:
+            table.channels[name].gram = gram
+    if table.gram_manifest()["sha256"] != manifest["sha256"]:
+        raise InputError(f"{path} does not belong to this table (checksum differs)", hint=hint)
 
 
 def save_table(table: CalibrationTable, path: Path) -> None:
-    """Atomic write: temp file beside the target, then rename."""
+    """Atomic writes: temp files beside the targets, then renames (the sidecar first)."""
+    grams = table.grams()
+    if grams:
+        side = gram_path(path)
+        fd, tmp_side = tempfile.mkstemp(prefix=f".{side.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            with open(tmp_side, "wb") as fh:
+                np.savez(fh, **{f"g{i}": g for i, g in enumerate(grams.values())})
+            os.replace(tmp_side, side)
+        finally:
+            if os.path.exists(tmp_side):
+                os.unlink(tmp_side)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:

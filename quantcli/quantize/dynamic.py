@@ -29,13 +29,20 @@ class DynamicWeights:
     pair_safe: bool = True  # the default target runs on every CPU
 
     def quantize(
-        self, w: np.ndarray, importance: np.ndarray | None = None
+        self,
+        w: np.ndarray,
+        importance: np.ndarray | None = None,
+        gram: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """int8 weight [K, N] and its float32 scale (per output column or per tensor);
-        `importance` ([K], the input's E[x^2]) weighs pair-safe weight errors."""
+        `importance` ([K], the input's E[x^2]) weighs pair-safe weight errors and `gram`
+        ([K, K], x x^T sums) lets rounding errors be compensated (saturation.py)."""
         axis = 1 if self.per_channel else None
-        importance = importance if axis is not None else None
-        q, qp = quantize_weight(w, axis, "int8", self.reduce_range, self.pair_safe, importance)
+        if axis is None:
+            importance = gram = None
+        q, qp = quantize_weight(
+            w, axis, "int8", self.reduce_range, self.pair_safe, importance, gram
+        )
         return q, qp.scale
 
 
@@ -98,7 +105,7 @@ class _Rewriter:
         graph: ir.Graph,
         weights: DynamicWeights,
         fused: bool,
-        importance: dict[str, np.ndarray],
+        importance: dict[str, tuple[np.ndarray, np.ndarray | None]],
     ) -> None:
         self.graph, self.format, self.fused = graph, weights, fused
         self.importance = importance
@@ -109,10 +116,13 @@ class _Rewriter:
         key = id(target.node.inputs[1])
         if key not in self.weights:
             base = target.node.inputs[1].name or "weight"
-            imp = self.importance.get(target.node.name or "")
-            if imp is not None and imp.shape != (target.weight.shape[0],):
-                imp = None
-            q, scale = self.format.quantize(target.weight, imp)
+            imp, gram = self.importance.get(target.node.name or "", (None, None))
+            k = target.weight.shape[0]
+            if imp is None or imp.shape != (k,):
+                imp = gram = None
+            if gram is not None and gram.shape != (k, k):
+                gram = None
+            q, scale = self.format.quantize(target.weight, imp, gram)
             values = (q, scale, np.zeros(scale.shape, np.int8))
             names = ("quantized", "scale", "zero_point")
             self.weights[key] = tuple(  # type: ignore[assignment]
@@ -155,7 +165,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     """MatMul/Gemm with a constant 2-D float weight -> dynamic INT8 (uint8 A, int8 W).
 
     `nodes`, when given, limits the rewrite to those node names; `importance` gives per
-    node the E[x^2] of its input channels (weighs pair-safe weight errors). `fused` picks ORT's
+    node the E[x^2] of its input channels and their x x^T sums (pair-safe rounding). `fused`
+    picks ORT's
     DynamicQuantizeMatMul (ORT only) over the standard-ONNX MatMulInteger form, which ORT's
     optimizer fuses into the same kernel anyway; the tests use the latter as the unfused
     reference for sibling fusion.
@@ -166,11 +177,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         weights: DynamicWeights | None = None,
         fused: bool = True,
         nodes: frozenset[str] | None = None,
-        importance: dict[str, np.ndarray] | None = None,
+        importance: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> None:
         super().__init__()
         self.weights, self.fused, self.nodes = weights or DynamicWeights(), fused, nodes
-        self.importance = importance or {}  # node name -> E[x^2] of its input channels
+        # node name -> (E[x^2] per input channel, x x^T sums or None)
+        self.importance = importance or {}
 
     def _chosen(self, node: ir.Node) -> bool:
         return self.nodes is None or node.name in self.nodes

@@ -61,7 +61,7 @@ def quantize_int8(
         )
     warnings = []
     if plan.nodes or plan.smooth_inputs:
-        table = _table(loaded, model, plan, table, data, calibration, progress)
+        table = _table(loaded, model, plan, config, table, data, calibration, progress)
     elif data is not None or table is not None:
         warnings.append("no node is quantized statically: the calibration data was not needed")
     if plan.nodes:
@@ -110,9 +110,10 @@ def _input_importance(
     plan: Plan,
     table: CalibrationTable,
     scales: dict[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """E[x^2] per input channel of each dynamic MatMul (by node), as its input is after
-    smoothing (x / s), to weigh pair-safe weight errors."""
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """E[x^2] per input channel of each dynamic MatMul (by node) and, where calibration
+    kept it, the x x^T sums, as the input is after smoothing (x / s), to weigh and round
+    pair-safe weights."""
     smoothed = set(plan.smoothed)
     found = {}
     for node, tensor in inputs.items():
@@ -120,7 +121,12 @@ def _input_importance(
         msq = None if stats is None else stats.mean_square
         if msq is None:
             continue
-        found[node] = msq / scales[tensor] ** 2 if node in smoothed and tensor in scales else msq
+        gram = stats.gram
+        if node in smoothed and tensor in scales:
+            s = scales[tensor]
+            msq = msq / s**2
+            gram = None if gram is None else gram / np.outer(s, s)
+        found[node] = (msq, gram)
     return found
 
 
@@ -132,6 +138,7 @@ def _table(
     loaded: LoadedModel,
     model: ir.Model,
     plan: Plan,
+    int8: Int8Config,
     table: CalibrationTable | None,
     data: DataSource | None,
     calibration: CalibrationConfig | None,
@@ -147,7 +154,14 @@ def _table(
 
         config = calibration or CalibrationConfig()
         table = calibrate_model(
-            model, loaded.path, plan.activations, data, config, progress, plan.channel_axes()
+            model,
+            loaded.path,
+            plan.activations,
+            data,
+            config,
+            progress,
+            plan.channel_axes(),
+            gram=int8.pair_safe,  # GPTQ-style rounding of pair-safe weights, in memory only
         )
     elif table.fingerprint != model_fingerprint(loaded.path):
         raise InputError(

@@ -142,6 +142,7 @@ def quantize_weight(
     reduce_range: bool = False,
     pair_safe: bool = False,
     importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
 ) -> tuple[np.ndarray, QParams]:
     """A constant weight as stored integers and their parameters (symmetric).
 
@@ -154,14 +155,15 @@ def quantize_weight(
     key = None
     if _REUSED is not None:  # a search builds the same weights over and over
         digest = hashlib.sha1(np.ascontiguousarray(w, np.float32).tobytes())
-        if importance is not None:
-            digest.update(np.ascontiguousarray(importance, np.float32).tobytes())
+        for extra in (importance, gram):
+            if extra is not None:
+                digest.update(np.ascontiguousarray(extra, np.float64).tobytes())
         key = (digest.hexdigest(), w.shape, axis)
         if key in _REUSED:
             return _REUSED[key]
     from quantcli.quantize.saturation import pair_safe_int8
 
-    q, scale = pair_safe_int8(w, axis, axis is not None, importance)
+    q, scale = pair_safe_int8(w, axis, axis is not None, importance, gram)
     found = q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
     if _REUSED is not None:
         _REUSED[key] = found

@@ -110,9 +110,11 @@ class QDQPass(ir.passes.InPlacePass):
                 # Depthwise kernels widen to 16/32 bits: only the others need pair safety.
                 users = readers.get(name, [])
                 pair_safe = cfg.pair_safe and not (users and all(map(depthwise_kernel, users)))
-                importance = self._importance(users, w, wplan.axis) if pair_safe else None
+                importance, gram = (
+                    self._input_stats(users, w, wplan.axis) if pair_safe else (None, None)
+                )
                 q, qp = quantize_weight(
-                    w, wplan.axis, cfg.weight_type, cfg.reduce_range, pair_safe, importance
+                    w, wplan.axis, cfg.weight_type, cfg.reduce_range, pair_safe, importance, gram
                 )
             else:
                 qp = weight_qparams(w, None, cfg.activation_type, cfg.symmetric_activations)
@@ -126,25 +128,29 @@ class QDQPass(ir.passes.InPlacePass):
             params[name] = qp
         return params
 
-    def _importance(
+    def _input_stats(
         self, users: list[ir.Node], w: np.ndarray, axis: int | None
-    ) -> np.ndarray | None:
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """E[x^2] of the input each weight row multiplies, in the [K, C] order of
-        saturation.as_columns; None when unknown or ambiguous (shared, grouped, per tensor)."""
+        saturation.as_columns, and the input's x x^T sums when each row is one input
+        channel (Gemm, 1x1 Conv); None when unknown or ambiguous (shared, grouped,
+        per tensor)."""
         if axis is None or len(users) != 1 or not users[0].inputs:
-            return None
+            return None, None
         node = users[0]
         stats = self.channels.get(node.inputs[0].name or "") if node.inputs[0] else None
         msq = None if stats is None else stats.mean_square
         if msq is None:
-            return None
+            return None, None
         if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1:
             per_row = int(np.prod(w.shape[2:]))  # rows: (input channel, kernel position)
-            return np.repeat(msq, per_row) if msq.size * per_row == w[0].size else None
+            if msq.size * per_row != w[0].size:
+                return None, None
+            return np.repeat(msq, per_row), stats.gram if per_row == 1 else None
         if node.op_type == "Gemm" and w.ndim == 2:
             k = w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0]
-            return msq if msq.size == k else None
-        return None
+            return (msq, stats.gram) if msq.size == k else (None, None)
+        return None, None
 
     def _quantize_biases(
         self,

@@ -52,6 +52,7 @@ def pair_safe_int8(
     out_axis: int | None,
     per_channel: bool = True,
     importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weight (zero point 0) that cannot saturate an int16 pair, and its scale.
 
@@ -62,7 +63,10 @@ def pair_safe_int8(
     `per_channel` False gives one scale for the whole tensor (the limit still holds per
     channel). `importance`, one non-negative weight per row of the [K, C] view (e.g. the
     input's mean square per channel), weights the error: capping a weight that only ever
-    sees small inputs costs little. Returns (q with w's shape, scale [C] or a scalar).
+    sees small inputs costs little. `gram` (the input's sum of x x^T, [K, K]) also lets
+    each channel's rounding errors be compensated by the weights not yet rounded (GPTQ,
+    Frantar et al. 2022) at the chosen scale; per channel, whichever result moves the
+    output less is kept. Returns (q with w's shape, scale [C] or a scalar).
     """
     w = np.asarray(w, np.float32)
     cols = as_columns(w, out_axis)
@@ -89,6 +93,8 @@ def pair_safe_int8(
         t = ts[int(np.argmin(totals))] if np.isfinite(totals).all() else 1.0
         q = np.concatenate([_capped(cols[:, c], full * ratio**t, imp)[0] for c in chunks], axis=1)
         scale = np.float32(full * ratio**t)
+    if gram is not None and per_channel and gram.shape == (cols.shape[0],) * 2:
+        q = _better_of(cols, q, _gptq(cols, scale, gram), scale, gram)
     q = q.astype(np.int8)
     if out_axis is None:
         return q.reshape(w.shape), scale
@@ -148,6 +154,49 @@ def _errors(
 ) -> np.ndarray:
     """Total squared error of one chunk at each per-tensor scale step."""
     return np.array([_capped(cols, full * ratio**t, imp)[1].sum() for t in ts])
+
+
+def _gptq(cols: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Round rows one at a time, spreading each row's error over the rows not yet rounded
+    through the inverse Hessian's Cholesky factor, and keep every column pair-safe: a value
+    may reach 128 minus the largest value of its sign rounded so far (any two of one sign
+    then sum to at most 128)."""
+    k = cols.shape[0]
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) <= 0
+    h[dead, :], h[:, dead] = 0.0, 0.0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += 0.01 * float(np.mean(np.diag(h)))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of h^-1
+    except np.linalg.LinAlgError:
+        return np.clip(np.rint(cols / scale), -_QMAX, _QMAX)  # not invertible: no feedback
+    work = cols.astype(np.float64).copy()
+    q = np.zeros_like(work)
+    top_pos = np.zeros(cols.shape[1])
+    top_neg = np.zeros(cols.shape[1])
+    for row in range(k):
+        cap_pos = np.where(top_pos > 0, PAIR_LIMIT - top_pos, _QMAX)
+        cap_neg = np.where(top_neg > 0, PAIR_LIMIT - top_neg, _QMAX)
+        value = np.clip(np.rint(work[row] / scale), -cap_neg, np.minimum(cap_pos, _QMAX))
+        value = np.maximum(value, -_QMAX)
+        q[row] = value
+        top_pos, top_neg = np.maximum(top_pos, value), np.maximum(top_neg, -value)
+        err = (work[row] - value * scale) / upper[row, row]
+        work[row + 1 :] -= np.outer(upper[row, row + 1 :], err)
+    return q
+
+
+def _better_of(
+    cols: np.ndarray, a: np.ndarray, b: np.ndarray, scale: np.ndarray, gram: np.ndarray
+) -> np.ndarray:
+    """Per column, the candidate whose error e moves the output less: e^T H e."""
+
+    def cost(q: np.ndarray) -> np.ndarray:
+        e = q * scale - cols.astype(np.float64)
+        return np.einsum("kc,kc->c", e, gram @ e)
+
+    return np.where(cost(b) < cost(a), b, a)
 
 
 def saturating_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
