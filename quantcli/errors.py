@@ -20,6 +20,10 @@ class QuantcliError(Exception):
     def one_line(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple:
+        # Keep the hint when the error crosses a process boundary (a cluster task's result).
+        return (type(self), (self.message, self.hint))
+
 
 class InputError(QuantcliError):
     """Bad input from the user: a file, an option, a dataset (exit 2)."""
@@ -41,3 +45,7 @@ class GateFailed(QuantcliError):
     """A quality gate of `compare` failed (exit 1)."""
 
     exit_code = 1
+
+
+class ClusterError(QuantcliError):
+    """The Ray cluster cannot be reached, is not installed, or lost a task (exit 2)."""

@@ -49,11 +49,23 @@ def resolve_providers(provider: str) -> list[str]:
     return [wanted] if key == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
+_default_threads: int | None = None
+
+
+def set_default_threads(threads: int | None) -> None:
+    """Intra-op threads for sessions that do not ask for a number (None: ONNX Runtime's
+    default, one per core). A cluster task sets the CPUs it was given, so tasks sharing a
+    node do not each start a thread per core."""
+    global _default_threads
+    _default_threads = threads
+
+
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

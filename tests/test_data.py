@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from quantcli.data import ImageOptions, open_data, parse_shard
+from quantcli.data.rows import RowReader
 from quantcli.errors import DataError
 from quantcli.graph.signature import TensorSpec
 
@@ -112,12 +113,17 @@ def test_directory_loads_file_by_file(tmp_path: Path, monkeypatch: pytest.Monkey
     for name in "abc":
         npz(tmp_path / f"{name}.npz", x=np.zeros((2, 3)))
     loaded: list[str] = []
-    real_load = np.load
-    monkeypatch.setattr(np, "load", lambda p, *a, **k: loaded.append(Path(p).name) or real_load(p))
+    real_read = RowReader.__getitem__
+
+    def spy(self: RowReader, index: object) -> np.ndarray:
+        loaded.append(self.path.name)
+        return real_read(self, index)
+
+    monkeypatch.setattr(RowReader, "__getitem__", spy)
     source = open_data(str(tmp_path), [X])
     assert source.num_samples == 6 and loaded == []  # counted from headers only
     assert [len(b.indices) for b in source.batches(3)] == [3, 3]
-    assert loaded == ["a.npz", "b.npz", "c.npz"]
+    assert loaded == ["a.npz", "b.npz", "b.npz", "c.npz"]
 
 
 def test_batch_across_files_needs_equal_shapes(tmp_path: Path) -> None:
@@ -152,7 +158,7 @@ def test_empty_missing_and_unsupported(tmp_path: Path) -> None:
 def test_shards_partition_samples(tmp_path: Path) -> None:
     path = npz(tmp_path / "d.npz", x=np.arange(30.0).reshape(10, 3))
     seen: list[int] = []
-    for i in range(3):
+    for i in range(3):  # 0-based here; the command line's --shard counts from 1
         source = open_data(path, [X], shard=(i, 3))
         for b in source.batches(2):
             assert all(k % 3 == i for k in b.indices)
@@ -161,16 +167,29 @@ def test_shards_partition_samples(tmp_path: Path) -> None:
     assert sorted(seen) == list(range(10))
     source = open_data(path, [X], shard=(1, 3), limit=2)
     assert [list(b.indices) for b in source.batches(8)] == [[1, 4]]
-    assert source.description == "d.npz (10 samples, shard 1/3, using 2)"
-    data_error(path, [X], "shard 15/20 of d.npz selects none", shard=(15, 20))
+    assert source.description == "d.npz (10 samples, shard 2/3, using 2)"
+    data_error(path, [X], "shard 16/20 of d.npz selects none", shard=(15, 20))
+    data_error(path, [X], "invalid shard index 3 of 3", shard=(3, 3))
     data_error(path, [X], "limit must be at least 1", limit=0)
 
 
+def test_windows_split_the_selection_into_parts(tmp_path: Path) -> None:
+    path = npz(tmp_path / "d.npz", x=np.arange(30.0).reshape(10, 3))
+    parts = [open_data(path, [X], shard=(1, 2), window=w) for w in ((0, 2), (2, 5))]
+    assert [[list(b.indices) for b in p.batches(2)] for p in parts] == [[[1, 3]], [[5, 7], [9]]]
+    assert parts[1].description == "d.npz (10 samples, shard 2/2, using 5, samples 3-5)"
+    data_error(path, [X], "samples 5-6 are outside the 5 selected", shard=(0, 2), window=(4, 6))
+
+
 def test_parse_shard() -> None:
-    assert parse_shard("2/4") == (2, 4)
-    for bad in ("4/4", "x", "1/0", "-1/2"):
+    assert parse_shard("2/4") == (1, 4)  # 1-based text, 0-based index
+    assert parse_shard("4/4") == (3, 4)  # "shard 4 of 4", as in Jest, Playwright and Vitest
+    for bad in ("5/4", "x", "1/0", "-1/2"):
         with pytest.raises(DataError, match="invalid shard"):
             parse_shard(bad)
+    with pytest.raises(DataError, match="shards count from 1") as err:
+        parse_shard("0/2")
+    assert "the first of 2 shards is 1/2" in (err.value.hint or "")
 
 
 def test_limit_and_fixed_batch_of_one(tmp_path: Path) -> None:

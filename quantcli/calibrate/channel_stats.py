@@ -5,67 +5,134 @@ mean output by (Wq - W) . E[x]; Nagel et al., 2019), the per-channel max |x| dri
 activation smoothing (a few channels far above the rest ruin a per-tensor int8 scale;
 quantize/smooth.py moves their range into the weights), and the mean square E[x^2] weighs
 weight errors by how much of the output they move (pair-safe weights, saturation.py).
+
+Batches are summed in blocks of BLOCK_BATCHES and the blocks' float64 sums are then added in
+order, so the bits depend on the block boundaries only, not on who computed which block: a
+cluster job computes whole blocks anywhere and its driver adds them in the same order
+(quantcli/cluster/), which gives the bits of one pass. Reading the sums closes the open
+block: read them once the data is done.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 MAX_GRAM_CHANNELS = 4096  # a [C, C] float64 sum is 128 MB at this size
+BLOCK_BATCHES = 32  # batches summed apart before their sums join the total
 
 
-@dataclass
 class ChannelStats:
-    axis: int
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 per channel
-    absmax: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 per channel
-    count: int = 0  # values per channel seen
-    squares: np.ndarray | None = None  # float64 sums of x^2 per channel (None: older table)
-    # Sums of x x^T over channels (float64 [C, C]) when asked for: GPTQ-style rounding of
-    # pair-safe weights (saturation.py). Saved beside a table file (table.py), not in it.
-    gram: np.ndarray | None = None
-    track_gram: bool = False
+    """Per-channel sums, sums of squares, max |x| and (when tracked) x x^T sums."""
+
+    def __init__(
+        self,
+        axis: int,
+        sums: np.ndarray | None = None,  # float64 per channel
+        absmax: np.ndarray | None = None,  # float64 per channel
+        count: int = 0,  # values per channel seen
+        squares: np.ndarray | None = None,  # float64 sums of x^2 per channel (None: older table)
+        # Sums of x x^T over channels (float64 [C, C]) when asked for: GPTQ-style rounding of
+        # pair-safe weights (saturation.py). Saved beside a table file (table.py), not in it.
+        gram: np.ndarray | None = None,
+        track_gram: bool = False,
+    ) -> None:
+        self.axis, self.count, self.track_gram = axis, count, track_gram
+        self._sums = np.zeros(0) if sums is None else sums
+        self._absmax = np.zeros(0) if absmax is None else absmax
+        self._squares, self._gram = squares, gram
+        self._block: ChannelStats | None = None  # the block being summed
+        self._block_batches = 0
 
     def update(self, x: np.ndarray) -> None:
+        """Add one batch to the open block; every BLOCK_BATCHES batches it is closed."""
+        if self._block is None:
+            self._block = ChannelStats(self.axis, track_gram=self.track_gram)
+        self._block._add(x)
+        self._block_batches += 1
+        if self._block_batches == BLOCK_BATCHES:
+            self.close()
+
+    def close(self) -> None:
+        """Add the open block to the totals."""
+        if self._block is None:
+            return
+        block, self._block, self._block_batches = self._block, None, 0
+        total = self._merge_closed(block)
+        self.count, self._sums, self._absmax = total.count, total._sums, total._absmax
+        self._squares, self._gram = total._squares, total._gram
+
+    def _add(self, x: np.ndarray) -> None:
         axis = self.axis % x.ndim
         moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
         sums, absmax = moved.sum(axis=0), np.abs(moved).max(axis=0, initial=0.0)
         squares = np.einsum("ij,ij->j", moved, moved)
         if self.count:
-            sums, absmax = sums + self.sums, np.maximum(absmax, self.absmax)
-            squares = squares + self.squares if self.squares is not None else None
-        self.sums, self.absmax, self.squares = sums, absmax, squares
+            sums, absmax = sums + self._sums, np.maximum(absmax, self._absmax)
+            squares = squares + self._squares if self._squares is not None else None
+        self._sums, self._absmax, self._squares = sums, absmax, squares
         if self.track_gram and moved.shape[1] <= MAX_GRAM_CHANNELS:
-            gram = moved.T @ moved
-            self.gram = gram if self.gram is None else self.gram + gram
+            # float32 products (3x faster on large feature maps), float64 totals.
+            rows = np.ascontiguousarray(moved, np.float32)
+            gram = (rows.T @ rows).astype(np.float64)
+            self._gram = gram if self._gram is None else self._gram + gram
         self.count += moved.shape[0]
 
+    @property
+    def sums(self) -> np.ndarray:
+        self.close()
+        return self._sums
+
+    @property
+    def absmax(self) -> np.ndarray:
+        self.close()
+        return self._absmax
+
+    @property
+    def squares(self) -> np.ndarray | None:
+        self.close()
+        return self._squares
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        self.close()
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: np.ndarray | None) -> None:  # from a table's sidecar file
+        self.close()
+        self._gram = value
+
     def merge(self, other: ChannelStats) -> ChannelStats:
+        """Both together, `other`'s data after `self`'s (float sums add in that order)."""
+        self.close()
+        other.close()
+        return self._merge_closed(other)
+
+    def _merge_closed(self, other: ChannelStats) -> ChannelStats:
         if self.count == 0 or other.count == 0:
             source = other if self.count == 0 else self
-            squares = None if source.squares is None else source.squares.copy()
-            gram = None if source.gram is None else source.gram.copy()
+            squares = None if source._squares is None else source._squares.copy()
+            gram = None if source._gram is None else source._gram.copy()
             return ChannelStats(
                 source.axis,
-                source.sums.copy(),
-                source.absmax.copy(),
+                source._sums.copy(),
+                source._absmax.copy(),
                 source.count,
                 squares,
                 gram,
                 source.track_gram,
             )
-        both = self.squares is not None and other.squares is not None
-        grams = self.gram is not None and other.gram is not None
+        both = self._squares is not None and other._squares is not None
+        grams = self._gram is not None and other._gram is not None
         return ChannelStats(
             self.axis,
-            self.sums + other.sums,
-            np.maximum(self.absmax, other.absmax),
+            self._sums + other._sums,
+            np.maximum(self._absmax, other._absmax),
             self.count + other.count,
-            self.squares + other.squares if both else None,  # type: ignore[operator]
-            self.gram + other.gram if grams else None,  # type: ignore[operator]
+            self._squares + other._squares if both else None,  # type: ignore[operator]
+            self._gram + other._gram if grams else None,  # type: ignore[operator]
             self.track_gram,
         )
 

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli.calibrate.config import DEFAULT_METHOD
+from quantcli.cli.cluster_opts import ClusterBar, RayOpt, cluster_config
 from quantcli.cli.common import (
     BatchOpt,
     DataOpt,
@@ -53,7 +54,11 @@ FormatOpt = Annotated[
 ]
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--shard", help="I/N: calibrate the samples whose index % N == I (merge later)."),
+    typer.Option(
+        "--shard",
+        help="I/N, shard I of N counted from 1 (1/4 ... 4/4): calibrate the samples whose "
+        "index % N == I - 1; merge the N tables later.",
+    ),
 ]
 
 
@@ -80,6 +85,7 @@ def calibrate(
     exclude: ExcludeOpt = None,
     smooth: SmoothOpt = True,
     preprocess: PreprocessOpt = None,
+    ray: RayOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -100,9 +106,19 @@ def calibrate(
     # The same plan as convert's: a table for --format qdq also covers the MatMul inputs.
     int8 = Int8Config(format=format_, smooth=smooth, **op_selection(op_types, include, exclude))
     _check_output(output, force, [model, Path(data)])
-    table, source = calibrate_file(
-        model, data, config, int8, images=parse_preprocess(preprocess), progress=_Bar()
-    )
+    images, cluster = parse_preprocess(preprocess), cluster_config(ray)
+    if cluster is None:
+        table, source = calibrate_file(model, data, config, int8, images=images, progress=_Bar())
+    else:
+        from quantcli.cluster.calibrate import calibrate_on_cluster
+
+        bar = ClusterBar("calibrating on Ray")
+        try:
+            table, source = calibrate_on_cluster(
+                model, data, config, int8, cluster, images=images, progress=bar
+            )
+        finally:
+            bar.close()
     if source.synthetic:
         warn("random data: ranges are not representative; use real samples for a real model")
     _save_and_report(table, output, json_)

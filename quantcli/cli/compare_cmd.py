@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from quantcli.cli.calibrate_cmd import _Bar
+from quantcli.cli.cluster_opts import ClusterBar, RayOpt, RayShardsOpt, cluster_config
 from quantcli.cli.common import (
     BatchOpt,
     DataOpt,
@@ -78,6 +79,8 @@ def compare(
     batch_size: BatchOpt = 1,
     limit: LimitOpt = None,
     preprocess: PreprocessOpt = None,
+    ray: RayOpt = None,
+    ray_shards: RayShardsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Compare QUANT with FLOAT on --data: accuracy, latency, size; exit 1 if a gate fails."""
@@ -106,13 +109,34 @@ def compare(
         metric=metric,
         gates=gates,
     )
+    cluster = cluster_config(ray, ray_shards)
     specs = input_specs(load_model(float_model, check=False).model)
-    source = open_data(data, specs, images=parse_preprocess(preprocess), limit=limit)
+    images = parse_preprocess(preprocess)
+    source = open_data(data, specs, images=images, limit=limit)
     if labels is not None:
         source = WithLabels(source, read_labels_file(labels))
     if source.synthetic:
         warn("random data: accuracy figures are meaningless; use it for latency only")
-    result = compare(float_model, quant_model, source, config, progress=_Bar())
+    if cluster is None:
+        result = compare(float_model, quant_model, source, config, progress=_Bar())
+    else:
+        from quantcli.cluster.compare import compare_on_cluster
+
+        bar = ClusterBar("comparing on Ray")
+        try:
+            result = compare_on_cluster(
+                float_model,
+                quant_model,
+                data,
+                source,
+                config,
+                cluster,
+                images=images,
+                limit=limit,
+                progress=bar,
+            )
+        finally:
+            bar.close()
     doc = result.to_dict()
     for message in doc["warnings"]:
         warn(message)
@@ -208,6 +232,10 @@ def render(doc: dict[str, Any]) -> None:
             layer_rows(doc["layers"]),
         )
     out.print(escape(f"Host: {host_line(doc)}"))
+    if doc.get("cluster"):
+        c = doc["cluster"]
+        where = f"; latency timed on {c['latency_node']} alone" if c["latency_node"] else ""
+        out.print(escape(f"Ray: {c['parts']} parts scored on {c['nodes']} nodes{where}"))
     if doc["gates"]:
         colored = [
             [*r[:3], "[green]pass[/green]" if r[3] == "pass" else "[red]FAIL[/red]"]

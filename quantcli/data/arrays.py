@@ -1,5 +1,6 @@
 """`.npz` and `.npy` files as chunks. Sizes come from array headers only, so opening a
-large dataset reads a few bytes per file and the data is loaded file by file later."""
+large dataset reads a few bytes per file; a batch then reads only its own rows (rows.py),
+so memory does not grow with the size of a file."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from quantcli.data.base import Arrays, Chunk
+from quantcli.data.rows import COMPRESSED_LIMIT, NpyHeader, RowReader, npy_header, npz_headers
 from quantcli.data.validate import check_counts, check_keys, single_input
 from quantcli.errors import DataError
 from quantcli.graph.signature import TensorSpec
 
 LABELS = "labels"
-Header = tuple[tuple[int, ...], np.dtype]
 T = TypeVar("T")
 
 
@@ -31,33 +32,12 @@ def _read(path: Path, fn: Callable[[], T]) -> T:
         ) from e
 
 
-def _header(f) -> Header:
-    version = np.lib.format.read_magic(f)
-    fmt = np.lib.format
-    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, _fortran, dtype = read(f)
-    return tuple(shape), dtype
+def _npz_headers(path: Path) -> dict[str, NpyHeader]:
+    return _read(path, lambda: npz_headers(path))
 
 
-def _npz_headers(path: Path) -> dict[str, Header]:
-    def read() -> dict[str, Header]:
-        with zipfile.ZipFile(path) as zf:
-            out = {}
-            for member in zf.namelist():
-                if member.endswith(".npy"):  # np.savez stores key K as K.npy
-                    with zf.open(member) as f:
-                        out[member[:-4]] = _header(f)
-            return out
-
-    return _read(path, read)
-
-
-def _npy_header(path: Path) -> Header:
-    def read() -> Header:
-        with open(path, "rb") as f:
-            return _header(f)
-
-    return _read(path, read)
+def _npy_header(path: Path) -> NpyHeader:
+    return _read(path, lambda: npy_header(path))
 
 
 def _is_batched(shape: tuple[int, ...], spec: TensorSpec, where: str) -> bool:
@@ -74,21 +54,40 @@ def _is_batched(shape: tuple[int, ...], spec: TensorSpec, where: str) -> bool:
     )
 
 
-def _load_npz(path: Path, batched: dict[str, bool]) -> Arrays:
+def _check_compressed(path: Path, key: str, header: NpyHeader) -> None:
+    """A compressed member is decompressed whole: refuse one that would not fit easily."""
+    size = int(np.prod(header.shape, dtype=np.int64)) * header.dtype.itemsize
+    if header.offset < 0 and size > COMPRESSED_LIMIT:
+        flat = path.with_name(path.stem + "_flat.npz")
+        raise DataError(
+            f"{path.name} stores '{key}' ({size / 2**20:.0f} MB) compressed "
+            "(np.savez_compressed), which cannot be read a batch at a time",
+            hint='store it uncompressed once, then pass the new file: python -c "import '
+            f"numpy as np; np.savez('{flat}', **np.load('{path}'))\"",
+        )
+
+
+def _load_npz(path: Path, headers: dict[str, NpyHeader], batched: dict[str, bool]) -> Arrays:
     def read() -> Arrays:
-        with np.load(path) as z:
-            return {k: z[k] if b else z[k][None] for k, b in batched.items()}
+        out: dict[str, Any] = {}
+        compressed = [k for k in batched if headers[k].offset < 0]
+        if compressed:  # small (checked on opening): loaded whole
+            with np.load(path) as z:
+                out.update({k: z[k] if batched[k] else z[k][None] for k in compressed})
+        for key, b in batched.items():
+            if key not in out:
+                out[key] = RowReader(path, headers[key], batched=b)
+        return out
 
     return _read(path, read)
 
 
-def _load_npy(path: Path, name: str, batched: bool) -> Arrays:
-    arr = _read(path, lambda: np.load(path))
-    return {name: arr if batched else arr[None]}
+def _load_npy(path: Path, header: NpyHeader, name: str, batched: bool) -> Arrays:
+    return {name: RowReader(path, header, batched=batched)}  # type: ignore[dict-item]
 
 
-def _labels(path: Path, header: Header, count: int) -> np.ndarray:
-    shape, dtype = header
+def _labels(path: Path, header: NpyHeader, count: int) -> np.ndarray:
+    shape, dtype = header.shape, header.dtype
     if dtype.kind not in "iu" or shape not in ((), (count,)):
         raise DataError(
             f"{path.name}: 'labels' must hold {count} integer class ids, "
@@ -108,11 +107,13 @@ def npz_chunk(path: Path, inputs: list[TensorSpec]) -> tuple[Chunk, np.ndarray |
     headers = _npz_headers(path)
     label_header = headers.pop(LABELS, None)
     check_keys(headers, inputs, path.name)
-    batched = {s.name: _is_batched(headers[s.name][0], s, path.name) for s in inputs}
-    counts = {k: headers[k][0][0] if b else 1 for k, b in batched.items()}
+    batched = {s.name: _is_batched(headers[s.name].shape, s, path.name) for s in inputs}
+    for key in batched:
+        _check_compressed(path, key, headers[key])
+    counts = {k: headers[k].shape[0] if b else 1 for k, b in batched.items()}
     count = check_counts(counts, path.name)
     labels = None if label_header is None else _labels(path, label_header, count)
-    return Chunk(count, partial(_load_npz, path, batched), path.name), labels
+    return Chunk(count, partial(_load_npz, path, headers, batched), path.name), labels
 
 
 def npz_chunks(
@@ -136,8 +137,9 @@ def npy_chunks(paths: list[Path], inputs: list[TensorSpec]) -> list[Chunk]:
     spec = single_input(inputs, "a directory of .npy files")
     chunks = []
     for path in paths:
-        shape, _ = _npy_header(path)
-        batched = _is_batched(shape, spec, path.name)
-        count = shape[0] if batched else 1
-        chunks.append(Chunk(count, partial(_load_npy, path, spec.name, batched), path.name))
+        header = _npy_header(path)
+        batched = _is_batched(header.shape, spec, path.name)
+        count = header.shape[0] if batched else 1
+        load = partial(_load_npy, path, header, spec.name, batched)
+        chunks.append(Chunk(count, load, path.name))
     return chunks

@@ -22,8 +22,10 @@ ACCEPTED = "use a .npz file, a directory of .npz, .npy or image files, or random
 class ChunkedSource:
     """Samples stored in chunks loaded one at a time; implements DataSource.
 
-    Sharding `(i, n)` keeps the samples whose global index % n == i, a deterministic
-    interleaved subset; `limit` then keeps the first `limit` of those.
+    Shard `(i, n)` keeps the samples whose global index % n == i (0 <= i < n; the command
+    line's `--shard I/N` counts from 1: I = i + 1), a deterministic interleaved subset;
+    `limit` then keeps the first `limit` of those, and `window` (start, stop) the selected
+    samples at those positions (the part a cluster task processes).
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class ChunkedSource:
         synthetic: bool = False,
         shard: tuple[int, int] | None = None,
         limit: int | None = None,
+        window: tuple[int, int] | None = None,
     ) -> None:
         self._chunks, self._inputs, self._all_labels = chunks, inputs, labels
         self._starts = np.cumsum([0, *(c.count for c in chunks)])
@@ -45,12 +48,22 @@ class ChunkedSource:
         i, n = shard or (0, 1)
         self._selection = range(i, total, n)[:limit]
         if not self._selection:
-            raise DataError(f"shard {i}/{n} of {name} selects none of its {total} samples")
+            raise DataError(f"shard {i + 1}/{n} of {name} selects none of its {total} samples")
+        extra = f", shard {i + 1}/{n}" if shard else ""
+        extra += f", using {len(self._selection)}" if len(self._selection) != total else ""
+        if window is not None:
+            start, stop = window
+            if not 0 <= start < stop <= len(self._selection):
+                raise DataError(
+                    f"samples {start + 1}-{stop} are outside the {len(self._selection)} "
+                    f"selected from {name}",
+                    hint="the data changed since the job was split: rerun it",
+                )
+            self._selection = self._selection[start:stop]
+            extra += f", samples {start + 1}-{stop}"
         self.num_samples = len(self._selection)
         self.synthetic = synthetic
         self.labels = self._labels_of(self._selection)
-        extra = f", shard {i}/{n}" if shard else ""
-        extra += f", using {self.num_samples}" if self.num_samples != total else ""
         self.description = f"{name} ({total} samples{extra})"
 
     def _labels_of(self, indices: range) -> np.ndarray | None:
@@ -96,16 +109,25 @@ def _concat(parts: list[tuple[str, Arrays]]) -> Arrays:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' to (I, N), with 0 <= I < N."""
+    """'I/N', "shard I of N" counted from 1 as in Jest, Playwright and Vitest, to the
+    0-based (I - 1, N) that open_data takes."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match:
-        raise DataError(f"invalid shard '{text}'", hint="write it as I/N, e.g. 0/4")
-    return _check_shard(int(match[1]), int(match[2]))
+        raise DataError(f"invalid shard '{text}'", hint="write it as I/N, e.g. 1/4")
+    i, n = int(match[1]), int(match[2])
+    if i == 0 and n >= 1:
+        raise DataError(
+            f"invalid shard 0/{n}: shards count from 1",
+            hint=f"the first of {n} shards is 1/{n}, the last {n}/{n}",
+        )
+    if n < 1 or not 1 <= i <= n:
+        raise DataError(f"invalid shard {i}/{n}", hint="write it as I/N with 1 <= I <= N")
+    return i - 1, n
 
 
 def _check_shard(i: int, n: int) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
-        raise DataError(f"invalid shard {i}/{n}", hint="write it as I/N with 0 <= I < N")
+        raise DataError(f"invalid shard index {i} of {n}", hint="use 0 <= index < count")
     return i, n
 
 
@@ -153,8 +175,10 @@ def open_data(
     shard: tuple[int, int] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    window: tuple[int, int] | None = None,
 ) -> DataSource:
-    """Opens `--data SPEC` for a model with these inputs; see ChunkedSource for shard/limit.
+    """Opens `--data SPEC` for a model with these inputs; see ChunkedSource for shard
+    (0-based), limit and window.
 
     `seed` only affects random data. `images` applies to a directory of images.
     """
@@ -163,8 +187,9 @@ def open_data(
         _check_shard(*shard)
     if limit is not None and limit < 1:
         raise DataError(f"limit must be at least 1, got {limit}")
+    select = {"shard": shard, "limit": limit, "window": window}
     if spec == "random" or spec.startswith("random:"):
         chunks = random_chunks(inputs, parse_random(spec), seed)
-        return ChunkedSource("random", chunks, inputs, synthetic=True, shard=shard, limit=limit)
+        return ChunkedSource("random", chunks, inputs, synthetic=True, **select)
     name, chunks, labels = _find(spec, inputs, images)
-    return ChunkedSource(name, chunks, inputs, labels=labels, shard=shard, limit=limit)
+    return ChunkedSource(name, chunks, inputs, labels=labels, **select)

@@ -137,6 +137,19 @@ def score_outputs(
     tick: Callable[[int], None],
 ) -> tuple[list[OutputMetrics], tuple[int, Feeds]]:
     """The built-in (and user) metrics over all batches, and the first batch for timing."""
+    accs, first = accumulate_outputs(fs, qs, names, batches, plugin, tick)
+    return [acc.result() for acc in accs.values()], first
+
+
+def accumulate_outputs(
+    fs: Any,
+    qs: Any,
+    names: list[str],
+    batches: Iterable[LabelledBatch],
+    plugin: MetricPlugin | None,
+    tick: Callable[[int], None],
+) -> tuple[dict[str, OutputAccumulator], tuple[int, Feeds]]:
+    """score_outputs' accumulators, which merge across shards of the data (merge())."""
     accs = {name: OutputAccumulator(name) for name in names}
     first: tuple[int, Feeds] | None = None
     for indices, feeds, lab in batches:
@@ -149,7 +162,7 @@ def score_outputs(
         tick(len(indices))
     if first is None:
         raise DataError("the data yielded no batches", hint="check the --data path or pattern")
-    return [acc.result() for acc in accs.values()], first
+    return accs, first
 
 
 def read_labels(data: DataSourceLike) -> np.ndarray | None:

@@ -1,7 +1,8 @@
 """Streaming metrics between the float model's outputs and the quantized model's.
 
 Accumulators take one batch at a time and keep only running sums, so memory stays fixed
-however many samples are compared. Sums are float64 so long runs do not drift.
+however many samples are compared. Each sample's contribution is added exactly
+(quantcli/exact.py), so accumulators of shards merge into the bits one pass gives.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantcli.errors import DataError
+from quantcli.exact import ExactSum
 
 TOP_K = 5
 # Rows of a [batch, classes] output summing to 1 within this are taken as probabilities.
@@ -74,10 +76,14 @@ class TensorError:
 class ErrorAccumulator:
     """Running sums for TensorError. Axis 0 is the sample axis when it matches `rows`."""
 
+    _SUMS = ("cos_sum", "dot", "rr", "qq", "err2", "abs_sum")
+
     def __init__(self) -> None:
         self.samples = 0
         self.values = 0
-        self.cos_sum = self.dot = self.rr = self.qq = self.err2 = self.abs_sum = 0.0
+        self.cos_sum, self.dot, self.rr, self.qq, self.err2, self.abs_sum = (
+            ExactSum() for _ in self._SUMS
+        )
         self.max_abs = 0.0
         self.nonfinite = 0
 
@@ -89,26 +95,36 @@ class ErrorAccumulator:
         d = np.abs(r - q)
         dot, rr, qq = (r * q).sum(1), (r * r).sum(1), (q * q).sum(1)
         with np.errstate(invalid="ignore"):  # NaN/Inf from the quantized model is counted
-            self.cos_sum += float(_cosine(dot, rr, qq).sum())
-        self.dot += float(dot.sum())
-        self.rr += float(rr.sum())
-        self.qq += float(qq.sum())
-        self.err2 += float((d * d).sum())
-        self.abs_sum += float(d.sum())
+            self.cos_sum.add_all(_cosine(dot, rr, qq))
+        self.dot.add_all(dot)  # per sample: what a sample adds does not depend on its batch
+        self.rr.add_all(rr)
+        self.qq.add_all(qq)
+        self.err2.add_all((d * d).sum(1))
+        self.abs_sum.add_all(d.sum(1))
         if d.size:
             self.max_abs = float(np.max([self.max_abs, d.max()]))  # NaN propagates
         self.samples += r.shape[0]
         self.values += r.size
 
+    def merge(self, other: ErrorAccumulator) -> ErrorAccumulator:
+        out = ErrorAccumulator()
+        for name in self._SUMS:
+            setattr(out, name, getattr(self, name).merge(getattr(other, name)))
+        out.samples, out.values = self.samples + other.samples, self.values + other.values
+        out.max_abs = float(np.max([self.max_abs, other.max_abs]))  # NaN propagates
+        out.nonfinite = self.nonfinite + other.nonfinite
+        return out
+
     def result(self) -> TensorError:
-        glob = _cosine(np.array([self.dot]), np.array([self.rr]), np.array([self.qq]))[0]
+        dot, rr, qq = self.dot.value, self.rr.value, self.qq.value
+        glob = _cosine(np.array([dot]), np.array([rr]), np.array([qq]))[0]
         return TensorError(
             samples=self.samples,
-            cosine_mean=self.cos_sum / self.samples if self.samples else math.nan,
+            cosine_mean=self.cos_sum.value / self.samples if self.samples else math.nan,
             cosine_global=float(glob),
-            sqnr_db=sqnr_db(self.rr, self.err2),
+            sqnr_db=sqnr_db(rr, self.err2.value),
             max_abs_error=self.max_abs,
-            mean_abs_error=self.abs_sum / self.values if self.values else math.nan,
+            mean_abs_error=self.abs_sum.value / self.values if self.values else math.nan,
             nonfinite=self.nonfinite,
         )
 
@@ -166,10 +182,13 @@ def _log_probs(x: np.ndarray, probabilities: bool) -> np.ndarray:
 
 
 class ClassifierAccumulator:
+    """KL is summed both ways (probabilities and logits): which applies is decided by the
+    first batch of the whole data, which a cluster task may not have seen."""
+
     def __init__(self, classes: int, probabilities: bool) -> None:
         self.classes, self.probabilities = classes, probabilities
         self.n = self.agree = self.in_top = self.labelled = self.right_f = self.right_q = 0
-        self.kl = 0.0
+        self.kl = {True: ExactSum(), False: ExactSum()}  # probabilities? -> sum
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
         ref, q = np.asarray(ref, np.float64), np.asarray(q, np.float64)
@@ -178,13 +197,22 @@ class ClassifierAccumulator:
         top_k = np.argpartition(-q, k - 1, axis=1)[:, :k]
         self.agree += int((top_f == top_q).sum())
         self.in_top += int((top_k == top_f[:, None]).any(axis=1).sum())
-        lp, lq = _log_probs(ref, self.probabilities), _log_probs(q, self.probabilities)
-        self.kl += float(np.where(lp > math.log(_EPS), np.exp(lp) * (lp - lq), 0.0).sum())
+        for probabilities, total in self.kl.items():
+            lp, lq = _log_probs(ref, probabilities), _log_probs(q, probabilities)
+            total.add_all(np.where(lp > math.log(_EPS), np.exp(lp) * (lp - lq), 0.0).sum(1))
         self.n += ref.shape[0]
         if labels is not None:
             self.labelled += len(labels)
             self.right_f += int((top_f == labels).sum())
             self.right_q += int((top_q == labels).sum())
+
+    def merge(self, other: ClassifierAccumulator) -> ClassifierAccumulator:
+        """`self` holds the earlier samples: its reading of the outputs applies."""
+        out = ClassifierAccumulator(self.classes, self.probabilities)
+        for name in ("n", "agree", "in_top", "labelled", "right_f", "right_q"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.kl = {p: self.kl[p].merge(other.kl[p]) for p in self.kl}
+        return out
 
     def result(self) -> ClassifierMetrics:
         n, lab = max(self.n, 1), self.labelled
@@ -192,7 +220,7 @@ class ClassifierAccumulator:
             classes=self.classes,
             top1_agreement=self.agree / n,
             top1_in_top5=self.in_top / n,
-            kl_divergence_mean=self.kl / n,
+            kl_divergence_mean=self.kl[self.probabilities].value / n,
             probabilities=self.probabilities,
             accuracy_float=self.right_f / lab if lab else None,
             accuracy_quant=self.right_q / lab if lab else None,
@@ -237,6 +265,16 @@ class OutputAccumulator:
         self.first = False
         if self.classifier is not None and is_cls:
             self.classifier.update(ref, q, labels)
+
+    def merge(self, other: OutputAccumulator) -> OutputAccumulator:
+        """`self` covers the earlier samples: as in one pass, its first batch decided
+        whether the output is a classifier's and how to read it."""
+        out = OutputAccumulator(self.name)
+        out.error, out.first = self.error.merge(other.error), self.first and other.first
+        out.classifier = self.classifier or other.classifier if self.first else self.classifier
+        if self.classifier is not None and other.classifier is not None:
+            out.classifier = self.classifier.merge(other.classifier)
+        return out
 
     def result(self) -> OutputMetrics:
         cls = self.classifier.result() if self.classifier else None

@@ -65,6 +65,7 @@ class CompareResult:
     host: HostInfo | None = None
     x86_saturation: dict | None = None  # SaturationCheck.to_dict() of the quantized model
     warnings: list[str] = field(default_factory=list)
+    cluster: dict | None = None  # compare --ray: where the data was scored and timed
 
     @property
     def size_ratio(self) -> float:
@@ -115,6 +116,7 @@ class CompareResult:
             "host": self.host.to_dict() if self.host else None,
             "x86_saturation": self.x86_saturation,
             "warnings": self.warnings,
+            **({} if self.cluster is None else {"cluster": self.cluster}),
         }
 
 

@@ -1,0 +1,65 @@
+"""A float sum that is exact, so shards merge in any order to the same bits.
+
+A float64 running sum depends on the order of its additions: the shards of a job merged on
+a cluster would differ from one pass over the data in the last bits. `ExactSum` keeps the
+exact sum (Shewchuk's non-overlapping partials, the algorithm behind `math.fsum`) and rounds
+once, when read: the same values, added in any order and split any way, give the same
+float. NaN and +-Inf are summed apart (their own arithmetic does not depend on the order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class ExactSum:
+    """The exact sum of floats added one by one, rounded once when read (`value`)."""
+
+    __slots__ = ("partials", "special")
+
+    def __init__(self) -> None:
+        self.partials: list[float] = []  # non-overlapping, increasing magnitude
+        self.special = 0.0  # sum of the non-finite values: 0, +-inf or nan
+
+    def add(self, x: float) -> None:
+        x = float(x)
+        if not math.isfinite(x):
+            self.special += x
+            return
+        partials, i = self.partials, 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            if math.isinf(hi):  # overflow: the true sum is beyond float64
+                self.special += hi
+                return
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+    def add_all(self, values: Iterable[float] | np.ndarray) -> None:
+        items = values.ravel().tolist() if isinstance(values, np.ndarray) else values
+        for x in items:
+            self.add(x)
+
+    def merge(self, other: ExactSum) -> ExactSum:
+        out = ExactSum()
+        out.partials, out.special = list(self.partials), self.special + other.special
+        out.add_all(other.partials)
+        return out
+
+    @property
+    def value(self) -> float:
+        if self.special != 0:  # also true for nan
+            return self.special
+        try:
+            return math.fsum(self.partials)
+        except OverflowError:
+            return math.copysign(math.inf, self.partials[-1])
