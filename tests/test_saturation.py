@@ -341,3 +341,18 @@ def test_tables_keep_their_gram_sums_beside_them(tmp_path: Path) -> None:
     gram_path(path).unlink()
     with pytest.raises(InputError, match=r"gram\.npz"):
         load_table(path)
+
+
+def test_reduce_range_reaches_the_blockwise_form_too(tmp_path: Path) -> None:
+    s = sample("encoder")
+    stored = {}
+    for reduce_range in (False, True):
+        out = tmp_path / f"b{reduce_range}.onnx"
+        config = Int8Config(smooth=False, reduce_range=reduce_range)
+        convert_int8_file(s.model, out, config, data_spec=str(s.calib))
+        proto = onnx.load(out)
+        nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits, "--no-smooth writes blockwise MatMulNBits for the encoder's FFN"
+        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        stored[reduce_range] = np.abs(inits[nbits[0].input[1]].astype(np.int32) - 128).max()
+    assert stored[False] > 63 >= stored[True]

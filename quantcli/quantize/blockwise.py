@@ -17,26 +17,32 @@ BLOCK_SIZE = 32
 ZERO_POINT = 128  # MatMulNBits' default zero point for 8 bits: 2 ** (bits - 1)
 
 
-def quantize_blocks_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks_int8(
+    w: np.ndarray, block_size: int, qmax: int = 127
+) -> tuple[np.ndarray, np.ndarray]:
     """W [K, N] -> (B uint8 [N, n_blocks, block_size], scales float32 [N, n_blocks]).
 
-    Symmetric per (block, column): q = round(w / s) in [-127, 127], stored as q + 128.
-    K is padded with zeros to a whole block.
+    Symmetric per (block, column): q = round(w / s) in [-qmax, qmax], stored as q + 128
+    (qmax 63: the 7-bit weights --reduce-range asks for; MatMulNBits cannot saturate an
+    int16 pair either way). K is padded with zeros to a whole block.
     """
     k, n = w.shape
     blocks = -(-k // block_size)
     padded = np.zeros((blocks * block_size, n), np.float32)
     padded[:k] = w
     grouped = padded.reshape(blocks, block_size, n)
-    scale = np.maximum(np.abs(grouped).max(axis=1) / 127.0, 1e-12).astype(np.float32)
-    q = np.clip(np.rint(grouped / scale[:, None, :]), -127, 127).astype(np.int32) + ZERO_POINT
+    scale = np.maximum(np.abs(grouped).max(axis=1) / qmax, 1e-12).astype(np.float32)
+    q = np.clip(np.rint(grouped / scale[:, None, :]), -qmax, qmax).astype(np.int32) + ZERO_POINT
     return q.transpose(2, 0, 1).astype(np.uint8), np.ascontiguousarray(scale.T)
 
 
 class BlockwiseInt8Pass(ir.passes.InPlacePass):
-    def __init__(self, nodes: frozenset[str], block_size: int = BLOCK_SIZE) -> None:
+    def __init__(
+        self, nodes: frozenset[str], block_size: int = BLOCK_SIZE, reduce_range: bool = False
+    ) -> None:
         super().__init__()
         self.nodes, self.block_size = nodes, block_size
+        self.qmax = 63 if reduce_range else 127
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -48,7 +54,7 @@ class BlockwiseInt8Pass(ir.passes.InPlacePass):
             w = const_array(node.inputs[1])
             if w is None or w.ndim != 2:
                 continue
-            b, scales = quantize_blocks_int8(w.astype(np.float32), self.block_size)
+            b, scales = quantize_blocks_int8(w.astype(np.float32), self.block_size, self.qmax)
             base = node.name or "matmul"
             attrs = [
                 ir.AttrInt64("K", w.shape[0]),

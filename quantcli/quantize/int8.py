@@ -81,7 +81,8 @@ def quantize_int8(
     if plan.blockwise:
         from quantcli.quantize.blockwise import BlockwiseInt8Pass
 
-        BlockwiseInt8Pass(frozenset(name for name, _ in plan.blockwise))(model)
+        names = frozenset(name for name, _ in plan.blockwise)
+        BlockwiseInt8Pass(names, reduce_range=config.reduce_range)(model)
     RemoveUnusedNodesPass()(model)
     result = _result(model, plan, config)
     result.warnings.extend(warnings)
