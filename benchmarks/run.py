@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -214,26 +213,28 @@ def bench_calibration(name: str, f: Any, args: argparse.Namespace, res: dict) ->
 
 
 def snapshot_code(allow_dirty: bool) -> dict[str, Any]:
-    """Pin the code under test for the whole run: one commit, copied aside.
+    """Pin the code under test for the whole run: quantcli/ as committed at HEAD.
 
-    Children import quantcli from the copy (PYTHONPATH), so editing the tree during a
-    20-minute run cannot mix versions. A dirty tree is refused unless allowed; then its diff
-    is kept with the results.
+    Children import quantcli from an extracted copy of HEAD (PYTHONPATH), so neither edits
+    during a 20-minute run nor uncommitted work in the tree reach the figures. The harness
+    itself (benchmarks/) runs from the tree: uncommitted changes there are refused unless
+    allowed, and then kept with the results.
     """
 
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
 
-    paths = ["quantcli", "benchmarks", "pyproject.toml"]
-    dirty = git("status", "--porcelain", "--", *paths).strip()
+    dirty = git("status", "--porcelain", "--", "benchmarks").strip()
     if dirty and not allow_dirty:
-        sys.exit(f"uncommitted changes in {', '.join(paths)}: commit them or pass --allow-dirty")
+        sys.exit("uncommitted changes in benchmarks/: commit them or pass --allow-dirty")
     copy = Path(tempfile.mkdtemp(prefix="quantcli-bench-code-"))
-    shutil.copytree(REPO / "quantcli", copy / "quantcli")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(copy), os.environ.get("PYTHONPATH")])
-    )
-    diff = git("diff", "HEAD", "--", *paths) if dirty else ""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "HEAD", "quantcli"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+    paths = [str(copy), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    diff = git("diff", "HEAD", "--", "benchmarks") if dirty else ""
     return {
         "commit": git("rev-parse", "HEAD").strip(),
         "dirty": bool(dirty),
