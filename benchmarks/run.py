@@ -224,7 +224,7 @@ def snapshot_code(allow_dirty: bool) -> dict[str, Any]:
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
 
-    dirty = git("status", "--porcelain", "--", "benchmarks").strip()
+    dirty = git("status", "--porcelain", "-uno", "--", "benchmarks").strip()
     if dirty and not allow_dirty:
         sys.exit("uncommitted changes in benchmarks/: commit them or pass --allow-dirty")
     copy = Path(tempfile.mkdtemp(prefix="quantcli-bench-code-"))
