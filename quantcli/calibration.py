@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantcli.calibrate.config import CalibrationConfig
-from quantcli.calibrate.runner import Progress, calibrate_model
+from quantcli.calibrate.runner import Progress
 from quantcli.calibrate.table import CalibrationTable
 from quantcli.data import DataSource, ImageOptions, open_data
 from quantcli.graph.io import load_model
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.config import Int8Config
 from quantcli.quantize.detect import check_not_quantized
+from quantcli.quantize.int8 import calibrate_plan
 from quantcli.quantize.prepare import prepare_for_int8
 
 
@@ -37,14 +38,5 @@ def calibrate_file(
     )
     int8 = int8 or Int8Config()
     prepared, plan = prepare_for_int8(loaded.model, int8)
-    table = calibrate_model(
-        prepared,
-        loaded.path,
-        plan.activations,
-        data,
-        config,
-        progress,
-        plan.channel_axes(),
-        gram=int8.pair_safe,  # for GPTQ-style rounding of pair-safe weights
-    )
+    table = calibrate_plan(prepared, loaded.path, plan, int8, data, config, progress)
     return table, data

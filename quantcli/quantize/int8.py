@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,6 +136,25 @@ def _pattern_warnings(plan: Plan) -> list[str]:
     return [f"--include/--exclude pattern '{p}' matches no node" for p in plan.unmatched]
 
 
+def calibrate_plan(
+    model: ir.Model,
+    path: Path,
+    plan: Plan,
+    int8: Int8Config,
+    data: DataSource,
+    config: CalibrationConfig,
+    progress: Progress | None = None,
+) -> CalibrationTable:
+    """The table a plan needs: its activations' ranges, per-channel statistics and, for
+    pair-safe weights, the inputs' x x^T sums (GPTQ-style rounding)."""
+    from quantcli.calibrate.runner import calibrate_model
+
+    axes = plan.channel_axes()
+    return calibrate_model(
+        model, path, plan.activations, data, config, progress, axes, gram=int8.pair_safe
+    )
+
+
 def _table(
     loaded: LoadedModel,
     model: ir.Model,
@@ -151,19 +171,8 @@ def _table(
                 "static INT8 needs activation ranges",
                 hint="pass --data SAMPLES or --calibration table.json, or use --dynamic",
             )
-        from quantcli.calibrate.runner import calibrate_model
-
         config = calibration or CalibrationConfig()
-        table = calibrate_model(
-            model,
-            loaded.path,
-            plan.activations,
-            data,
-            config,
-            progress,
-            plan.channel_axes(),
-            gram=int8.pair_safe,  # GPTQ-style rounding of pair-safe weights, in memory only
-        )
+        table = calibrate_plan(model, loaded.path, plan, int8, data, config, progress)
     elif table.fingerprint != model_fingerprint(loaded.path):
         raise InputError(
             f"the calibration table was made for another model ({table.model_name})",

@@ -192,8 +192,9 @@ class _Search:
         axes = {t: a for t, a in plan.channel_axes().items() if t not in self.table.channels}
         if not missing and not axes:
             return
+        gram = config.pair_safe  # as convert --recipe will calibrate them
         extra = calibrate_model(
-            prepared, self.model, missing, self.calib, self.config.calibration, None, axes
+            prepared, self.model, missing, self.calib, self.config.calibration, None, axes, gram
         )
         self.table.stats.update(extra.stats)
         self.table.ranges.update(extra.ranges)
