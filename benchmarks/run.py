@@ -70,6 +70,8 @@ def bench_model(name: str, args: argparse.Namespace, res: dict[str, Any]) -> Non
     log(f"{name}: converting")
     sessions, paths = {}, {}
     for c in contenders(spec, args.tune):
+        if args.only and c.name not in args.only:
+            continue
         rec: dict[str, Any] = {"tool": c.tool, "recipe": c.recipe}
         entry["contenders"][c.name] = rec
         path = f.model
@@ -264,7 +266,9 @@ def main() -> None:
         "host with qemu-x86_64)",
     )
     ap.add_argument("--allow-dirty", action="store_true", help="run uncommitted code (diff kept)")
+    ap.add_argument("--only", help="comma list of contenders to run (default: all; float always)")
     args = ap.parse_args()
+    args.only = {"float", *args.only.split(",")} if args.only else None
     kind, host = host_kind()
     if args.avx2 is None:
         args.avx2 = avx2.available() and host["int16_saturation"] is False
@@ -285,6 +289,7 @@ def main() -> None:
             "tune": args.tune,
             "code": code,
             "avx2_emulated": args.avx2,
+            "only": sorted(args.only) if args.only else None,
         },
         "models": {},
         "failures": [],
@@ -292,6 +297,7 @@ def main() -> None:
     start = time.time()
     for name in models:
         bench_model(name, args, res)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")  # a cut run keeps what it has
     res["meta"]["total_s"] = round(time.time() - start, 1)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     log(f"wrote {args.out} ({res['meta']['total_s']} s, {len(res['failures'])} failures)")
