@@ -6,7 +6,7 @@ tensor: activations are folded into the statistics and dropped, whatever the sam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,15 @@ def collect_stats(
     progress: Progress | None = None,
     provider: str = "cpu",
     channel_axes: dict[str, int] | None = None,
-    gram: bool = False,
+    gram: Collection[str] = (),
 ) -> tuple[dict[str, TensorStats], dict[str, ChannelStats]]:
     """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`,
-    and per-channel statistics of those named in `channel_axes` (with x x^T sums if `gram`)."""
+    and per-channel statistics of those named in `channel_axes` (with x x^T sums for those
+    also in `gram`)."""
     stats = {name: TensorStats() for name in tensors}
     channels = {
-        name: ChannelStats(axis, track_gram=gram) for name, axis in (channel_axes or {}).items()
+        name: ChannelStats(axis, track_gram=name in gram)
+        for name, axis in (channel_axes or {}).items()
     }
 
     def update(values: dict[str, np.ndarray], indices: range) -> None:
@@ -118,10 +120,10 @@ def calibrate_model(
     config: CalibrationConfig,
     progress: Progress | None = None,
     channel_axes: dict[str, int] | None = None,
-    gram: bool = False,
+    gram: Collection[str] = (),
 ) -> CalibrationTable:
-    """A full calibration table for a prepared model's planned tensors (`gram`: also the
-    in-memory x x^T sums of the channel-statistics tensors)."""
+    """A full calibration table for a prepared model's planned tensors (`gram`: the
+    channel-statistics tensors whose x x^T sums to keep as well)."""
     stats, channels = collect_stats(
         model, tensors, data, config.batch_size, progress, channel_axes=channel_axes, gram=gram
     )

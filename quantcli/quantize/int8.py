@@ -150,9 +150,25 @@ def calibrate_plan(
     from quantcli.calibrate.runner import calibrate_model
 
     axes = plan.channel_axes()
-    return calibrate_model(
-        model, path, plan.activations, data, config, progress, axes, gram=int8.pair_safe
-    )
+    gram = gram_inputs(model, plan) if int8.pair_safe else set()
+    return calibrate_model(model, path, plan.activations, data, config, progress, axes, gram)
+
+
+def gram_inputs(model: ir.Model, plan: Plan) -> set[str]:
+    """Inputs whose x x^T sums pair-safe rounding uses: those of 1x1 group-1 Convs, Gemms
+    and dynamic MatMuls (a depthwise or k x k Conv's input would cost much and serve none)."""
+    nodes = {n.name: n for n in model.graph}
+    found = set(plan.smooth_inputs)
+    for entry in plan.nodes:
+        node = nodes.get(entry.node)
+        if node is None or not entry.inputs or entry.weight is None:
+            continue
+        weight = node.inputs[1].shape if len(node.inputs) > 1 else None
+        pointwise = node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1
+        pointwise = pointwise and weight is not None and all(d == 1 for d in weight[2:])
+        if pointwise or node.op_type == "Gemm":
+            found.add(entry.inputs[0])
+    return found
 
 
 def _table(

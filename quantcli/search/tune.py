@@ -36,7 +36,7 @@ from quantcli.evaluate.result import CompareConfig
 from quantcli.graph.io import check_model_path, check_output_path, load_model, save_model
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.config import Int8Config
-from quantcli.quantize.int8 import quantize_int8
+from quantcli.quantize.int8 import gram_inputs, quantize_int8
 from quantcli.quantize.math import reusing_weights
 from quantcli.quantize.prepare import prepare_for_int8
 from quantcli.quantize.recipe import Recipe
@@ -192,7 +192,7 @@ class _Search:
         axes = {t: a for t, a in plan.channel_axes().items() if t not in self.table.channels}
         if not missing and not axes:
             return
-        gram = config.pair_safe  # as convert --recipe will calibrate them
+        gram = gram_inputs(prepared, plan) if config.pair_safe else set()  # as convert will
         extra = calibrate_model(
             prepared, self.model, missing, self.calib, self.config.calibration, None, axes, gram
         )
