@@ -15,12 +15,27 @@ block: read them once the data is done.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 MAX_GRAM_CHANNELS = 4096  # a [C, C] float64 sum is 128 MB at this size
 BLOCK_BATCHES = 32  # batches summed apart before their sums join the total
+
+
+def _pack(full: np.ndarray) -> np.ndarray:
+    """The upper triangle (with the diagonal) of a symmetric [C, C] matrix, row by row."""
+    return np.ascontiguousarray(full[np.triu_indices(full.shape[0])], dtype=np.float64)
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    channels = (math.isqrt(8 * packed.size + 1) - 1) // 2
+    upper = np.triu_indices(channels)
+    full = np.empty((channels, channels), np.float64)
+    full[upper] = packed
+    full[upper[1], upper[0]] = packed
+    return full
 
 
 class ChannelStats:
@@ -41,7 +56,11 @@ class ChannelStats:
         self.axis, self.count, self.track_gram = axis, count, track_gram
         self._sums = np.zeros(0) if sums is None else sums
         self._absmax = np.zeros(0) if absmax is None else absmax
-        self._squares, self._gram = squares, gram
+        self._squares = squares
+        # The total x x^T sum is kept packed (it is symmetric): with the open block's full
+        # sum beside it, the two take the memory of 1.5 matrices.
+        self._gram = None if gram is None else _pack(gram)
+        self._gram_full: np.ndarray | None = None  # a block's own sum, batch by batch
         self._block: ChannelStats | None = None  # the block being summed
         self._block_batches = 0
 
@@ -55,13 +74,27 @@ class ChannelStats:
             self.close()
 
     def close(self) -> None:
-        """Add the open block to the totals."""
+        """Add the open block to the totals (in place: no third copy of an x x^T sum)."""
         if self._block is None:
             return
         block, self._block, self._block_batches = self._block, None, 0
-        total = self._merge_closed(block)
-        self.count, self._sums, self._absmax = total.count, total._sums, total._absmax
-        self._squares, self._gram = total._squares, total._gram
+        if block._gram_full is not None:  # numpy sums x^T x symmetric (syrk): nothing lost
+            block._gram, block._gram_full = _pack(block._gram_full), None
+        if self.count == 0:
+            self.count, self._sums, self._absmax = block.count, block._sums, block._absmax
+            self._squares, self._gram = block._squares, block._gram
+            return
+        self.count += block.count
+        self._sums += block._sums
+        np.maximum(self._absmax, block._absmax, out=self._absmax)
+        if self._squares is not None and block._squares is not None:
+            self._squares += block._squares
+        else:
+            self._squares = None
+        if self._gram is not None and block._gram is not None:
+            self._gram += block._gram
+        else:
+            self._gram = None
 
     def _add(self, x: np.ndarray) -> None:
         axis = self.axis % x.ndim
@@ -76,7 +109,10 @@ class ChannelStats:
             # float32 products (3x faster on large feature maps), float64 totals.
             rows = np.ascontiguousarray(moved, np.float32)
             gram = (rows.T @ rows).astype(np.float64)
-            self._gram = gram if self._gram is None else self._gram + gram
+            if self._gram_full is None:
+                self._gram_full = gram
+            else:
+                self._gram_full += gram
         self.count += moved.shape[0]
 
     @property
@@ -96,13 +132,14 @@ class ChannelStats:
 
     @property
     def gram(self) -> np.ndarray | None:
+        """The x x^T sum, [C, C] (a new array on each read)."""
         self.close()
-        return self._gram
+        return None if self._gram is None else _unpack(self._gram)
 
     @gram.setter
     def gram(self, value: np.ndarray | None) -> None:  # from a table's sidecar file
         self.close()
-        self._gram = value
+        self._gram = None if value is None else _pack(np.asarray(value, np.float64))
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         """Both together, `other`'s data after `self`'s (float sums add in that order)."""
@@ -111,30 +148,21 @@ class ChannelStats:
         return self._merge_closed(other)
 
     def _merge_closed(self, other: ChannelStats) -> ChannelStats:
+        out = ChannelStats(self.axis, track_gram=self.track_gram)
         if self.count == 0 or other.count == 0:
-            source = other if self.count == 0 else self
-            squares = None if source._squares is None else source._squares.copy()
-            gram = None if source._gram is None else source._gram.copy()
-            return ChannelStats(
-                source.axis,
-                source._sums.copy(),
-                source._absmax.copy(),
-                source.count,
-                squares,
-                gram,
-                source.track_gram,
-            )
+            src = other if self.count == 0 else self
+            out.track_gram, out.count = src.track_gram, src.count
+            out._sums, out._absmax = src._sums.copy(), src._absmax.copy()
+            out._squares = None if src._squares is None else src._squares.copy()
+            out._gram = None if src._gram is None else src._gram.copy()
+            return out
         both = self._squares is not None and other._squares is not None
         grams = self._gram is not None and other._gram is not None
-        return ChannelStats(
-            self.axis,
-            self._sums + other._sums,
-            np.maximum(self._absmax, other._absmax),
-            self.count + other.count,
-            self._squares + other._squares if both else None,  # type: ignore[operator]
-            self._gram + other._gram if grams else None,  # type: ignore[operator]
-            self.track_gram,
-        )
+        out.count = self.count + other.count
+        out._sums, out._absmax = self._sums + other._sums, np.maximum(self._absmax, other._absmax)
+        out._squares = self._squares + other._squares if both else None  # type: ignore[operator]
+        out._gram = self._gram + other._gram if grams else None  # type: ignore[operator]
+        return out
 
     @property
     def mean(self) -> np.ndarray:

@@ -162,7 +162,8 @@ def table_summary(table: Any, path: Path) -> dict[str, Any]:
         "table": str(path),
         "method": table.method,
         "samples": table.samples,
-        "shard": list(table.shard) if table.shard else None,
+        # as on the command line: [I, N] counted from 1 (the table file keeps [I - 1, N])
+        "shard": [table.shard[0] + 1, table.shard[1]] if table.shard else None,
         "tensors": tensors,
     }
 

@@ -235,7 +235,8 @@ def render(doc: dict[str, Any]) -> None:
     if doc.get("cluster"):
         c = doc["cluster"]
         where = f"; latency timed on {c['latency_node']} alone" if c["latency_node"] else ""
-        out.print(escape(f"Ray: {c['parts']} parts scored on {c['nodes']} nodes{where}"))
+        nodes = f"{c['nodes']} node{'s' * (c['nodes'] != 1)}"
+        out.print(escape(f"Ray: {c['parts']} parts scored on {nodes}{where}"))
     if doc["gates"]:
         colored = [
             [*r[:3], "[green]pass[/green]" if r[3] == "pass" else "[red]FAIL[/red]"]

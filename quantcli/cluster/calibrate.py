@@ -124,7 +124,7 @@ def _run(
         calibrate_part,
         calls,
         retries=cluster.retries,
-        max_pending=2 * joined.cpus + 2,
+        max_pending=joined.cpus + 1,  # block states can be large (x x^T sums): few held
         on_done=on_done,
         what=lambda i: parts[i].label(),
     )
@@ -178,7 +178,7 @@ def calibrate_part(job: CalibrationJob, part: Part) -> PartResult:
 
     set_default_threads(1)  # the task holds one CPU: one ONNX Runtime thread
     try:
-        model, activations, axes, specs, fingerprint = _prepared(job)
+        model, activations, axes, gram, specs, fingerprint = _prepared(job)
         config = job.config
         data = open_data(
             job.data,
@@ -189,7 +189,7 @@ def calibrate_part(job: CalibrationJob, part: Part) -> PartResult:
             window=part.window,
         )
         stats, channels = collect_stats(
-            model, activations, data, config.batch_size, channel_axes=axes, gram=job.int8.pair_safe
+            model, activations, data, config.batch_size, channel_axes=axes, gram=gram
         )
         for c in channels.values():
             c.close()
@@ -203,11 +203,13 @@ _CACHE: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
 
 def _prepared(job: CalibrationJob) -> tuple[Any, ...]:
-    """The prepared model, its plan and fingerprint: once per worker process for each
-    model file version (a worker runs many blocks)."""
+    """The prepared model, what to collect (as quantize.int8.calibrate_plan asks calibrate
+    for it) and the model's fingerprint: once per worker process for each model file
+    version (a worker runs many blocks)."""
     from quantcli.calibrate.table import model_fingerprint
     from quantcli.graph.io import load_model
     from quantcli.graph.signature import input_specs
+    from quantcli.quantize.int8 import gram_inputs
     from quantcli.quantize.prepare import prepare_for_int8
 
     if not os.path.isfile(job.model):
@@ -219,10 +221,12 @@ def _prepared(job: CalibrationJob) -> tuple[Any, ...]:
         path = Path(job.model)
         loaded = load_model(path)
         prepared, plan = prepare_for_int8(loaded.model, job.int8)
+        gram = gram_inputs(prepared, plan) if job.int8.pair_safe else set()
         _CACHE[key] = (
             prepared,
             plan.activations,
             plan.channel_axes(),
+            gram,
             input_specs(loaded.model),
             model_fingerprint(path),
         )

@@ -54,7 +54,8 @@ class Cluster:
         return sum(n.cpus for n in self.nodes)
 
     def describe(self) -> str:
-        return f"{len(self.nodes)} nodes, {self.cpus} CPUs"
+        nodes = len(self.nodes)
+        return f"{nodes} node{'s' * (nodes != 1)}, {self.cpus} CPU{'s' * (self.cpus != 1)}"
 
 
 def _auto_address() -> str:
