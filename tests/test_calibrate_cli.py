@@ -66,8 +66,8 @@ def test_shards_merge_to_the_single_run(
     s, data = sample(name), subset(name)
     base = ["calibrate", s.model, "-d", data, "--method", method]
     cli.ok(*base, "-o", tmp_path / "all.json")
-    cli.ok(*base, "-o", tmp_path / "s0.json", "--shard", "0/2")
-    cli.ok(*base, "-o", tmp_path / "s1.json", "--shard", "1/2")
+    cli.ok(*base, "-o", tmp_path / "s0.json", "--shard", "1/2")
+    cli.ok(*base, "-o", tmp_path / "s1.json", "--shard", "2/2")
     cli.ok("merge", tmp_path / "s1.json", tmp_path / "s0.json", "-o", tmp_path / "merged.json")
     whole, merged = _table(tmp_path / "all.json"), _table(tmp_path / "merged.json")
     assert _table(tmp_path / "s0.json")["samples"] == 20
@@ -150,7 +150,7 @@ def test_calibrate_never_overwrites_its_inputs(tiny: Tiny, cli: Cli) -> None:
         assert "never overwrites" in cli.fails(
             "calibrate", path, "-d", data, "-o", target, "--force"
         )
-    cli.ok("calibrate", path, "-d", data, "-o", tiny.root / "t.json", "--shard", "0/2")
+    cli.ok("calibrate", path, "-d", data, "-o", tiny.root / "t.json", "--shard", "1/2")
     line = cli.fails("merge", tiny.root / "t.json", "-o", tiny.root / "t.json", "--force")
     assert "never overwrites" in line
     assert (path.read_bytes(), data.read_bytes()) == before

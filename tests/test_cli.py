@@ -69,8 +69,9 @@ def _other_model_tables(t: Tiny) -> list:
 
 def _same_shard_twice(t: Tiny) -> list:
     gemm = t.path("gemm_mlp")
-    Cli().ok("calibrate", gemm, "-d", t.data(gemm), "-o", t.root / "a.json", "--shard", "0/2")
+    Cli().ok("calibrate", gemm, "-d", t.data(gemm), "-o", t.root / "a.json", "--shard", "1/2")
     shutil.copy(t.root / "a.json", t.root / "b.json")
+    shutil.copy(t.root / "a.json.gram.npz", t.root / "b.json.gram.npz")  # its x x^T sums
     return ["merge", t.root / "a.json", t.root / "b.json", "-o", t.root / "m.json"]
 
 
@@ -104,7 +105,7 @@ ERRORS: dict[str, tuple[Callable[[Tiny], list], str]] = {
     "int4_option_on_int8": (_convert("--data", "random", "--block-size", "64"), "INT4 options"),
     "bad_method": (_calibrate("--method", "magic"), "method 'magic'"),
     "bad_percentile": (_calibrate("--method", "percentile", "--percentile", "30"), "--percentile"),
-    "bad_shard": (_calibrate("--shard", "2/2"), "shard"),
+    "bad_shard": (_calibrate("--shard", "3/2"), "shard"),
     "bad_preprocess": (_calibrate("--preprocess", "zoom=2"), "unknown key 'zoom'"),
     "merge_other_models": (_other_model_tables, "different models"),
     "merge_same_shard": (_same_shard_twice, "same shard appears twice"),
@@ -143,8 +144,8 @@ def test_json_is_one_document(tiny: Tiny, cli: Cli) -> None:
     data = tiny.data(path)
     runs = {
         "inspect": ["inspect", path],
-        "calibrate": ["calibrate", path, "-d", data, "-o", tiny.root / "t.json", "--shard", "0/2"],
-        "calibrate2": ["calibrate", path, "-d", data, "-o", tiny.root / "u.json", "--shard", "1/2"],
+        "calibrate": ["calibrate", path, "-d", data, "-o", tiny.root / "t.json", "--shard", "1/2"],
+        "calibrate2": ["calibrate", path, "-d", data, "-o", tiny.root / "u.json", "--shard", "2/2"],
         "merge": ["merge", tiny.root / "t.json", tiny.root / "u.json", "-o", tiny.root / "m.json"],
         "int8": [
             "convert",
