@@ -124,22 +124,21 @@ def contenders(spec: Spec, tune: bool = False) -> list[Contender]:
             Contender("quantcli-qdq", "quantcli", [*int8, "--format", "qdq"]),
         ]
     if spec.int4:
+        # The defaults: RTN without data, GPTQ with (8-bit vocabulary head, tied table
+        # shared); benchmarks/int4_bench.py measures budgets, presets and ORT's algorithms.
         int4 = ["convert", "MODEL", "--bits", "4"]
-        gptq = [*int4, "--algorithm", "gptq", "--data", "CALIB"]
+        gptq = [*int4, "--data", "CALIB"]
         out += [
             Contender("ort-default-int4", "ort", DEFAULT_INT4),
             Contender("ort-tuned-int4", "ort", TUNE_INT4[TUNED_INT4[spec.name]]),
             Contender("quantcli-int4-rtn", "quantcli", int4),
             Contender("quantcli-int4-gptq", "quantcli", gptq),
             Contender("quantcli-int4-qdq-form", "quantcli", [*int4, "--format", "qdq"]),
+            Contender("quantcli-int4-budget-5.5", "quantcli", [*gptq, "--budget", "5.5"]),
         ]
-        if spec.head:  # the same weights as ORT's INT4 (head float), and the smallest file
-            out += [
-                Contender(
-                    "quantcli-int4-rtn-head-float", "quantcli", [*int4, "--exclude", spec.head]
-                ),
-                Contender("quantcli-int4-gptq-embeddings", "quantcli", [*gptq, "--embeddings"]),
-            ]
+        if spec.head:  # the same weights as ORT's INT4 (head and table float)
+            same = [*int4, "--exclude", spec.head, "--no-embeddings"]
+            out.append(Contender("quantcli-int4-rtn-head-float", "quantcli", same))
     if tune:
         out = out[:2] + [Contender(f"tune:{k}", "ort", v) for k, v in table.items()]
         if spec.int4:

@@ -142,6 +142,7 @@ def convert_int4_file(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConvertSummary:
+    from quantcli.graph.mapped import load_model_mapped
     from quantcli.quantize.detect import check_not_quantized
     from quantcli.quantize.int4 import quantize_int4
 
@@ -149,7 +150,8 @@ def convert_int4_file(
     check_model_path(Path(model_path))
     sources = [model_path, *([Path(data_spec)] if data_spec else [])]
     check_output_path(output, inputs=sources, force=force)
-    loaded = load_model(model_path)
+    # A single-file model's weights stay in the file, memory-mapped (one copy at most).
+    loaded = load_model_mapped(model_path)
     check_not_quantized(loaded.model)
     data = None
     if data_spec:
@@ -164,10 +166,33 @@ def convert_int4_file(
         validate=output_validator(samples),
         external_data=loaded.external_data,
     )
-    params = sum(c.shape[0] * c.shape[1] for c in result.quantized)
+    size_after = file_size(output)
+    warnings = list(result.warnings)
+    if data is not None and data.synthetic:
+        warnings.append("random calibration data: GPTQ and the budget need real samples")
+    if config.max_bytes is not None and size_after > config.max_bytes:
+        warnings.append(
+            f"the written model is {size_after / 1e6:.2f} MB, over the {config.max_bytes / 1e6:.2f}"
+            " MB budget (the graph itself is larger than estimated)"
+        )
     counts: dict[str, int] = {}
     for cand in result.quantized:
         counts[cand.op_type] = counts.get(cand.op_type, 0) + 1
+    layers = [
+        {
+            "nodes": [c.node for c in r.unit.members + r.unit.tables],
+            "role": r.unit.role,
+            "format": r.choice.name,
+            "parameters": r.unit.params,
+            "bytes": r.bytes,
+            "bits_per_weight": round(8 * r.bytes / r.unit.params, 3) if r.unit.params else 0,
+            **({"tied_table": True} if r.unit.tied and not r.choice.is_float else {}),
+        }
+        for r in result.units
+    ]
+    formats: dict[str, int] = {}
+    for r in result.units:
+        formats[r.choice.name] = formats.get(r.choice.name, 0) + r.unit.params
     return ConvertSummary(
         input=model_path,
         output=output,
@@ -176,15 +201,32 @@ def convert_int4_file(
         quantized_by_type=counts,
         float_nodes=result.float_nodes,
         size_before=loaded.size_bytes,
-        size_after=file_size(output),
+        size_after=size_after,
         seconds=time.perf_counter() - start,
+        warnings=warnings,
         details={
             "int4": {
                 "weights": len(result.quantized),
-                "parameters": params,
+                "parameters": result.params,
+                "bits_per_weight": round(result.bits_per_weight, 3),
+                "parameters_by_format": formats,
                 "block_size": config.block_size,
                 "symmetric": config.symmetric,
-                "algorithm": config.algorithm,
+                "algorithm": result.algorithm,
+                "accuracy_level": result.accuracy_level,
+                "budget": _budget_doc(config, result),
+                "notes": result.notes,
+                "layers": layers,
             }
         },
     )
+
+
+def _budget_doc(config: Any, result: Any) -> dict[str, Any] | None:
+    if config.mix is not None:
+        return {"mix": config.mix}
+    if config.budget_bpw is not None:
+        return {"bits_per_weight": config.budget_bpw, "bytes": result.budget_bytes}
+    if config.max_bytes is not None:
+        return {"max_bytes": config.max_bytes, "weight_bytes": result.budget_bytes}
+    return None

@@ -15,6 +15,7 @@ from conftest import SAMPLE_NAMES, Cli, Tiny, run_ort, sample
 from quantcli.convert import convert_int4_file
 from quantcli.graph.passes import prepare_model
 from quantcli.quantize.int4 import Int4Config
+from quantcli.quantize.int4_formats import parse_choice, quantize_int8_blocks
 from quantcli.quantize.int4_math import quantize_rtn
 from quantcli.quantize.int4_plan import int4_candidates
 
@@ -57,14 +58,22 @@ def test_sample_models(name: str, fmt: str, symmetric: bool, tmp_path: Path, cli
     assert (got.argmax(1) == labels).mean() >= (want.argmax(1) == labels).mean() - 0.03
 
 
-def _dequantized_reference(path: Path, block: int, symmetric: bool) -> onnx.ModelProto:
-    """The float model with every INT4 weight replaced by its dequantized INT4 value."""
+def _dequantized_reference(path: Path, symmetric: bool, formats: dict[str, str]) -> onnx.ModelProto:
+    """The float model with every quantized weight (embedding tables included: by default
+    they are quantized too) replaced by its dequantized value, in the format the conversion
+    chose for it (4-bit blocks; a vocabulary head 8-bit)."""
     model = prepare_model(ir.load(path))
     nodes = {n.name: n for n in model.graph}
-    for cand in int4_candidates(model):
-        value = nodes[cand.node].inputs[1]
+    for cand in int4_candidates(model, include_gather=True):
+        node = nodes[cand.node]
+        value = node.inputs[0] if cand.op_type == "Gather" else node.inputs[1]
         w = value.const_value.numpy()
-        deq = quantize_rtn(w.T if cand.transposed else w, block, symmetric).dequantize()
+        w = w.T if cand.transposed else w
+        choice = parse_choice(formats[cand.node])
+        if choice.bits == 8:
+            deq = quantize_int8_blocks(w, choice.block_size).dequantize()
+        else:
+            deq = quantize_rtn(w, choice.block_size, symmetric).dequantize()
         value.const_value = ir.tensor(deq.T if cand.transposed else deq, name=value.name)
     return ir.to_proto(model)
 
@@ -77,11 +86,16 @@ def test_int4_model_equals_float_model_with_dequantized_weights(
 ) -> None:
     path = sample(name).model if name in SAMPLE_NAMES else tiny.path(name)
     out, block = tiny.root / "q4.onnx", 16
-    convert_int4_file(
+    summary = convert_int4_file(
         path, out, Int4Config(block_size=block, symmetric=symmetric, format=fmt, accuracy_level=0)
     )
+    formats = {
+        node: layer["format"]
+        for layer in summary.details["int4"]["layers"]
+        for node in layer["nodes"]
+    }
     feeds = tiny.feeds(path, n=8)
-    (want,) = run_ort(_dequantized_reference(path, block, symmetric), feeds, optimize=False)
+    (want,) = run_ort(_dequantized_reference(path, symmetric, formats), feeds, optimize=False)
     (got,) = run_ort(out, feeds, optimize=False)
     atol = 1e-5 if fmt == "qdq" else 1e-3  # MatMulNBits accumulates in its own order
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol * np.abs(want).max())
@@ -101,9 +115,9 @@ def test_gptq_with_data(name: str, tmp_path: Path, cli: Cli) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_tied_weight_keeps_the_float_table_for_gather(fmt: str, tiny: Tiny) -> None:
+def test_no_embeddings_keeps_the_float_table_for_gather(fmt: str, tiny: Tiny) -> None:
     path, out = tiny.path("tied_embedding"), tiny.root / "q4.onnx"
-    summary = convert_int4_file(path, out, Int4Config(format=fmt))
+    summary = convert_int4_file(path, out, Int4Config(format=fmt, embeddings=False))
     assert summary.quantized_by_type == {"MatMul": 1}
     proto = onnx.load(out)
     gather = next(n for n in proto.graph.node if n.op_type == "Gather")

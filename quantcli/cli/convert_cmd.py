@@ -58,14 +58,23 @@ def convert(
         ),
     ] = None,
     per_channel: Annotated[
-        bool, typer.Option("--per-channel/--per-tensor", help="INT8 weight granularity.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--per-channel/--per-tensor",
+            help="INT8 weight granularity.",
+            show_default="per-channel",
+        ),
+    ] = None,
     activation_type: Annotated[
-        str, typer.Option("--activation-type", help="INT8 activations: uint8 or int8.")
-    ] = "uint8",
+        str | None,
+        typer.Option(
+            "--activation-type", help="INT8 activations: uint8 or int8.", show_default="uint8"
+        ),
+    ] = None,
     weight_type: Annotated[
-        str, typer.Option("--weight-type", help="INT8 weights: int8 or uint8.")
-    ] = "int8",
+        str | None,
+        typer.Option("--weight-type", help="INT8 weights: int8 or uint8.", show_default="int8"),
+    ] = None,
     symmetric_activations: Annotated[
         bool, typer.Option("--symmetric-activations", help="Symmetric activation ranges.")
     ] = False,
@@ -74,56 +83,94 @@ def convert(
         typer.Option("--reduce-range", help="7-bit weights everywhere (ONNX Runtime's remedy)."),
     ] = False,
     target: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--target",
             help="INT8: cpu (default: accurate on every CPU, x86 without VNNI included), "
             "cpu-vnni (full 8-bit: only x86 with VNNI/AMX, or ARM64 with dot product) or "
             "tensorrt (symmetric int8 QDQ).",
+            show_default="cpu",
         ),
-    ] = "cpu",
+    ] = None,
     depthwise: Annotated[
-        bool,
-        typer.Option("--depthwise/--no-depthwise", help="Quantize depthwise convs."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--depthwise/--no-depthwise", help="Quantize depthwise convs.", show_default="depthwise"
+        ),
+    ] = None,
     bias_correction: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--bias-correction/--no-bias-correction",
             help="Correct the mean shift weight rounding causes (needs calibration).",
+            show_default="bias-correction",
         ),
-    ] = True,
-    smooth: SmoothOpt = True,
+    ] = None,
+    smooth: SmoothOpt = None,
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    method: MethodOpt = DEFAULT_METHOD,
-    percentile: PercentileOpt = 99.99,
+    method: MethodOpt = None,
+    percentile: PercentileOpt = None,
     batch_size: BatchOpt = 1,
     limit: LimitOpt = None,
     preprocess: PreprocessOpt = None,
     block_size: Annotated[
-        int, typer.Option("--block-size", help="INT4: block along K (16..256).")
-    ] = 32,
+        int | None,
+        typer.Option("--block-size", help="INT4: block along K (16..256).", show_default="32"),
+    ] = None,
     symmetric: Annotated[
-        bool, typer.Option("--symmetric/--asymmetric", help="INT4 weights: zero point or not.")
-    ] = False,
-    algorithm: Annotated[
-        str, typer.Option("--algorithm", help="INT4: rtn (default) or gptq (needs --data).")
-    ] = "rtn",
-    embeddings: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--embeddings/--no-embeddings", help="INT4: also quantize Gather embedding tables."
+            "--symmetric/--asymmetric",
+            help="INT4 weights: zero point or not.",
+            show_default="asymmetric",
         ),
-    ] = False,
+    ] = None,
+    algorithm: Annotated[
+        str | None,
+        typer.Option(
+            "--algorithm",
+            help="INT4: auto (default: gptq with --data, rtn with clip search without), rtn "
+            "or gptq.",
+        ),
+    ] = None,
+    embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--embeddings/--no-embeddings",
+            help="INT4 Gather embedding tables. Default: a table tied to the output head reads "
+            "the head's quantized weights (stored once), other tables are quantized too; "
+            "--no-embeddings keeps tables float.",
+            show_default=False,
+        ),
+    ] = None,
     accuracy_level: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--accuracy-level",
-            help="INT4 MatMulNBits accuracy_level: 4 int8 activations (fast), 0 float.",
+            help="INT4 MatMulNBits accuracy_level: 4 int8 activations, 0 float. Default: "
+            "chosen for this host (4 where int8 dot products are fast).",
         ),
-    ] = 4,
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            help="INT4 mixed precision: average bits per weight (4.5) or the most the file "
+            "may weigh (120MB); each MatMul group becomes 4-bit (block 32 or 128), 8-bit or "
+            "float, chosen by its output error on --data.",
+        ),
+    ] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            "--mix",
+            help="INT4 mixed precision preset, no data needed: k-quant (8-bit output head "
+            "and some layers' attention Q/K/V and FFN down projections, like llama.cpp "
+            "Q4_K_M).",
+        ),
+    ] = None,
     recipe: Annotated[
         Path | None,
         typer.Option(
@@ -160,8 +207,10 @@ def _int8(**o: Any) -> Any:
         return _replay(o)
     if o["dynamic"] and o["format_"] not in (None, "dynamic"):
         raise InputError("--dynamic and --format are exclusive", hint="drop one of them")
-    if o["algorithm"] != "rtn" or o["block_size"] != 32:
-        raise InputError("--algorithm/--block-size are INT4 options", hint="add --bits 4")
+    given = [flag for key, flag in INT4_ONLY.items() if o[key] is not None]
+    if given:
+        raise InputError(f"{'/'.join(given)} {_are(given)} INT4 options", hint="add --bits 4")
+    o = {**o, **{key: value for key, value in INT8_DEFAULTS.items() if o[key] is None}}
     if not (o["data"] or o["calibration"] or o["dynamic"]):
         raise InputError(
             "INT8 needs activation ranges",
@@ -234,20 +283,100 @@ def _replay(o: dict[str, Any]) -> Any:
     )
 
 
+# Options of one kind of conversion only: given with the other --bits they are an error.
+INT8_ONLY = {
+    "calibration": "--calibration",
+    "dynamic": "--dynamic",
+    "per_channel": "--per-channel/--per-tensor",
+    "activation_type": "--activation-type",
+    "weight_type": "--weight-type",
+    "symmetric_activations": "--symmetric-activations",
+    "reduce_range": "--reduce-range",
+    "target": "--target",
+    "depthwise": "--depthwise/--no-depthwise",
+    "bias_correction": "--bias-correction/--no-bias-correction",
+    "smooth": "--smooth/--no-smooth",
+    "op_types": "--op-types",
+    "include": "--include",
+    "method": "--method",
+    "percentile": "--percentile",
+    "preprocess": "--preprocess",
+    "recipe": "--recipe",
+}
+_OFF_FLAGS = {"dynamic", "reduce_range", "symmetric_activations"}  # False: not given
+INT8_DEFAULTS = {
+    "per_channel": True,
+    "activation_type": "uint8",
+    "weight_type": "int8",
+    "target": "cpu",
+    "depthwise": True,
+    "bias_correction": True,
+    "smooth": True,
+    "method": DEFAULT_METHOD,
+    "percentile": 99.99,
+}
+INT4_ONLY = {
+    "block_size": "--block-size",
+    "symmetric": "--symmetric/--asymmetric",
+    "algorithm": "--algorithm",
+    "embeddings": "--embeddings/--no-embeddings",
+    "accuracy_level": "--accuracy-level",
+    "budget": "--budget",
+    "mix": "--mix",
+}
+
+
+def _are(flags: list[str]) -> str:
+    return "are" if len(flags) > 1 else "is one of the"
+
+
+def parse_budget(text: str | None) -> tuple[float | None, int | None]:
+    """--budget: bits per weight (a plain number) or a size (120MB, 0.2GB, 90000000B)."""
+    if text is None:
+        return None, None
+    value = text.strip().upper()
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1)):
+        if value.endswith(unit):
+            try:
+                return None, int(float(value[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    else:
+        try:
+            return float(value), None
+        except ValueError:
+            pass
+    raise InputError(
+        f"--budget '{text}' is neither bits per weight nor a size",
+        hint="for example --budget 4.5 (bits per weight) or --budget 120MB",
+    )
+
+
 def _int4(**o: Any) -> Any:
     from quantcli.convert import convert_int4_file
     from quantcli.quantize.int4 import Int4Config
 
-    if o["dynamic"] or o["calibration"]:
-        raise InputError("--dynamic/--calibration are INT8 options", hint="drop them for --bits 4")
+    given = [
+        flag
+        for key, flag in INT8_ONLY.items()
+        if o[key] is not None and not (o[key] is False and key in _OFF_FLAGS)
+    ]
+    if given:
+        raise InputError(
+            f"{'/'.join(given)} {_are(given)} INT8 options", hint="drop them for --bits 4"
+        )
+    bpw, max_bytes = parse_budget(o["budget"])
     config = Int4Config(
-        block_size=o["block_size"],
-        symmetric=o["symmetric"],
-        algorithm=o["algorithm"],
+        block_size=o["block_size"] or 32,
+        symmetric=bool(o["symmetric"]),
+        algorithm=o["algorithm"] or "auto",
         format=o["format_"] or "matmulnbits",
         accuracy_level=o["accuracy_level"],
         exclude=tuple(o["exclude"] or ()),
         embeddings=o["embeddings"],
+        budget_bpw=bpw,
+        max_bytes=max_bytes,
+        mix=o["mix"],
     )
     return convert_int4_file(
         o["model"],
@@ -269,12 +398,39 @@ def render(doc: dict[str, Any]) -> None:
         f"({ratio:.2f}x) in {doc['seconds']:.1f} s"
     )
     out.print(escape(text))
+    if "int4" in doc:
+        render_int4(doc["int4"])
     if "target" in doc:
         out.print(escape(target_line(doc["target"], doc["x86_saturation"])))
     print_table("Quantized nodes", ["op type", "nodes"], count_rows(doc["quantized"]))
     if doc["float"]:
         reasons = Counter(f"{e['op_type']}: {e['reason']}" for e in doc["float"])
         print_table("Left in float", ["why", "nodes"], count_rows(dict(reasons)))
+
+
+def render_int4(info: dict[str, Any]) -> None:
+    sym = "symmetric" if info["symmetric"] else "asymmetric"
+    out.print(
+        escape(f"INT4: {info['algorithm']}, {info['bits_per_weight']:.2f} bits per weight ({sym})")
+    )
+    for note in info["notes"]:
+        out.print(escape(f"  {note}"))
+    formats = info["parameters_by_format"]
+    if len(formats) > 1 or info["budget"]:
+        rows = [
+            [
+                layer["nodes"][0]
+                + (f" +{len(layer['nodes']) - 1}" if len(layer["nodes"]) > 1 else ""),
+                layer["role"],
+                layer["format"],
+                f"{layer['bits_per_weight']:.2f}",
+            ]
+            for layer in info["layers"]
+        ]
+        print_table("Bits per layer", ["nodes", "role", "format", "bits/weight"], rows)
+    total = sum(formats.values()) or 1
+    rows = [[name, f"{count:,}", f"{100 * count / total:.1f}%"] for name, count in formats.items()]
+    print_table("Weights by format", ["format", "parameters", "share"], rows)
 
 
 _TARGETS = {

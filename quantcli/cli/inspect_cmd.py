@@ -92,6 +92,17 @@ def render(info: dict[str, Any]) -> None:
     out.print(_io_table("Inputs", info["inputs"]))
     out.print(_io_table("Outputs", info["outputs"]))
     print_table("Op types", ["op", "count"], count_rows(info["op_types"]))
+    if info.get("weight_bits"):
+        rows = [
+            [
+                r["node"],
+                f"int{r['bits']}-b{r['block_size']}",
+                f"{r['parameters']:,}" if r["parameters"] else f"shares {r.get('shares', '')}",
+                f"{r['bits_per_weight']:.2f}" if r["parameters"] else "-",
+            ]
+            for r in info["weight_bits"]
+        ]
+        print_table("Bits per layer", ["node", "format", "weights", "bits/weight"], rows)
     int8 = info["int8"]
     print_table("INT8 plan (defaults)", ["quantized op", "nodes"], count_rows(int8["by_op_type"]))
     for entry in int8["float"]:

@@ -8,6 +8,8 @@ factor of the inverse Hessian ``H = sum x^T x``. Updates are applied lazily in b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from quantcli.quantize.int4_math import (
@@ -80,16 +82,42 @@ class _GroupParams:
         return self.scales[block], None if self.zps is None else self.zps[block]
 
 
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ derives from a Hessian alone: the row order and the upper Cholesky factor of
+    the dampened inverse. Weights that share an input (Q/K/V, column slices of one weight)
+    share it, so it is computed once."""
+
+    perm: np.ndarray
+    hinv: np.ndarray
+    block_size: int
+    act_order: bool
+
+
+def gptq_factor(
+    hessian: np.ndarray, block_size: int, damp: float = 0.01, act_order: bool = False
+) -> GptqFactor:
+    k = hessian.shape[0]
+    kp = -(-k // block_size) * block_size
+    h = _prepare_hessian(np.asarray(hessian, dtype=np.float64), kp, damp)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(kp)
+    if act_order:
+        h = h[perm][:, perm]
+    return GptqFactor(perm, _inverse_cholesky_upper(h), block_size, act_order)
+
+
 def gptq_quantize(
     w: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | None,
     block_size: int,
     symmetric: bool = True,
     damp: float = 0.01,
     act_order: bool = False,
     clip_search: bool = True,
+    factor: GptqFactor | None = None,
 ) -> BlockQuantized:
-    """GPTQ-quantize ``w`` ``[K, N]`` given ``hessian = sum x^T x`` ``[K, K]``.
+    """GPTQ-quantize ``w`` ``[K, N]`` given ``hessian = sum x^T x`` ``[K, K]`` (or its
+    precomputed ``factor``).
 
     Without ``act_order`` a block's scales are chosen when its first row is reached, from
     the error-updated weights (same selection as RTN, incl. clip search). With ``act_order``
@@ -100,20 +128,23 @@ def gptq_quantize(
     check_block_size(block_size)
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"hessian shape {hessian.shape} does not match K={k}")
+    if factor is None:
+        if hessian is None or hessian.shape != (k, k):
+            shape = None if hessian is None else hessian.shape
+            raise ValueError(f"hessian shape {shape} does not match K={k}")
+        factor = gptq_factor(hessian, block_size, damp, act_order)
+    if factor.block_size != block_size or len(factor.perm) != -(-k // block_size) * block_size:
+        raise ValueError("the GPTQ factor was made for another block size or K")
+    act_order = factor.act_order
     wp = pad_k(w, block_size).astype(np.float64)
     kp = wp.shape[0]
-    h = _prepare_hessian(np.asarray(hessian, dtype=np.float64), kp, damp)
     params = _GroupParams(kp // block_size, n, symmetric)
-    perm = np.arange(kp)
+    perm = factor.perm
     if act_order:
         blocks = wp.reshape(-1, block_size, n)
         params.set(slice(None), *block_params(blocks, symmetric, clip_search))
-        perm = np.argsort(-np.diag(h), kind="stable")
-        wp, h = wp[perm], h[perm][:, perm]
-    hinv = _inverse_cholesky_upper(h)
-    q = _gptq_rows(wp, hinv, perm, params, block_size, symmetric, clip_search, act_order)
+        wp = wp[perm]
+    q = _gptq_rows(wp, factor.hinv, perm, params, block_size, symmetric, clip_search, act_order)
     q_orig = np.empty_like(q)
     q_orig[perm] = q
     return BlockQuantized(q_orig, params.scales, params.zps, block_size, k, symmetric)
