@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import host_kind, machine_info
+from machine import host_kind, machine_info, snapshot_code
 from measure import METRICS, file_bytes, latency, open_session, outputs, workloads
 from models import DEFAULT_CACHE, REPO, SPECS, files
 from proc import run_tool
@@ -109,7 +109,9 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if tool != "float":
             path = args.cache / "out-int4" / name / who / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not (args.reuse and path.exists()):
+            if args.reuse and path.exists() and not tool.startswith("quantcli"):
+                rec["reused"] = True  # ONNX Runtime's output: its code is not under test
+            else:
                 for old in path.parent.iterdir():
                     old.unlink()
                 cmd = command(tool, recipe, f.model, f.calib, path, args.torch_python)
@@ -300,7 +302,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--max-rss-gb", type=float, default=14)
-    p.add_argument("--reuse", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse ONNX Runtime's earlier outputs")
+    p.add_argument("--allow-dirty", action="store_true", help="run uncommitted benchmarks/")
     p.add_argument("--torch-python", default="/work/venv-bench/bin/python")
     p.add_argument("--render", type=Path)
     p.add_argument("--docs", type=Path)
@@ -310,6 +313,7 @@ def main() -> None:
         return
     args.only = [x for x in args.only.split(",") if x]
     kind, _ = host_kind()
+    code = snapshot_code(args.allow_dirty)
     out = args.out or REPO / "benchmarks" / "results" / f"int4-{kind}.json"
     res: dict[str, Any] = {
         "meta": machine_info()
@@ -317,6 +321,7 @@ def main() -> None:
             "threads": args.threads,
             "rounds": args.rounds,
             "command": " ".join(["python", *sys.argv]),
+            "code": code,
         },
         "models": {},
     }

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from models import REPO
@@ -84,4 +88,35 @@ def machine_info() -> dict[str, Any]:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         },
         "versions": versions,
+    }
+
+
+def snapshot_code(allow_dirty: bool) -> dict[str, Any]:
+    """Pin the code under test for the whole run: quantcli/ as committed at HEAD.
+
+    Children import quantcli from an extracted copy of HEAD (PYTHONPATH), so neither edits
+    during a 20-minute run nor uncommitted work in the tree reach the figures. The harness
+    itself (benchmarks/) runs from the tree: uncommitted changes there are refused unless
+    allowed, and then kept with the results.
+    """
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
+
+    dirty = git("status", "--porcelain", "-uno", "--", "benchmarks").strip()
+    if dirty and not allow_dirty:
+        sys.exit("uncommitted changes in benchmarks/: commit them or pass --allow-dirty")
+    copy = Path(tempfile.mkdtemp(prefix="quantcli-bench-code-"))
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "HEAD", "quantcli"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+    paths = [str(copy), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    diff = git("diff", "HEAD", "--", "benchmarks") if dirty else ""
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "dirty": bool(dirty),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
+        "diff": diff or None,
     }

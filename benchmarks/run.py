@@ -9,13 +9,10 @@ in its own child process; all sessions of one model are timed in this process, i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from typing import Any
 import avx2
 import numpy as np
 from contenders import Contender, calibration_commands, contenders
-from machine import host_kind, machine_info
+from machine import host_kind, machine_info, snapshot_code
 from measure import METRICS, file_bytes, latency, open_session, outputs, workloads
 from models import DEFAULT_CACHE, FULL, QUICK, REPO, SPECS, files, summarize
 from proc import run_tool
@@ -212,37 +209,6 @@ def bench_calibration(name: str, f: Any, args: argparse.Namespace, res: dict) ->
             rows.append({"tool": tool, "samples": n} | r)
             log(f"  calibrate {tool} n={n}: {r}")
     return rows
-
-
-def snapshot_code(allow_dirty: bool) -> dict[str, Any]:
-    """Pin the code under test for the whole run: quantcli/ as committed at HEAD.
-
-    Children import quantcli from an extracted copy of HEAD (PYTHONPATH), so neither edits
-    during a 20-minute run nor uncommitted work in the tree reach the figures. The harness
-    itself (benchmarks/) runs from the tree: uncommitted changes there are refused unless
-    allowed, and then kept with the results.
-    """
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
-
-    dirty = git("status", "--porcelain", "-uno", "--", "benchmarks").strip()
-    if dirty and not allow_dirty:
-        sys.exit("uncommitted changes in benchmarks/: commit them or pass --allow-dirty")
-    copy = Path(tempfile.mkdtemp(prefix="quantcli-bench-code-"))
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "HEAD", "quantcli"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
-    paths = [str(copy), os.environ.get("PYTHONPATH", "")]
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    diff = git("diff", "HEAD", "--", "benchmarks") if dirty else ""
-    return {
-        "commit": git("rev-parse", "HEAD").strip(),
-        "dirty": bool(dirty),
-        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
-        "diff": diff or None,
-    }
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import host_kind, machine_info
+from machine import host_kind, machine_info, snapshot_code
 from measure import METRICS, latency, open_session, outputs, workloads
 from models import DEFAULT_CACHE, REPO, SPECS, files
 from proc import run_tool
-from run import snapshot_code
 
 # The budgets of the tune issue: what a user would state for each model.
 BUDGETS = {
