@@ -11,10 +11,10 @@ from quantcli.calibrate.table import CalibrationTable
 from quantcli.data import DataSource, ImageOptions, open_data
 from quantcli.graph.io import load_model
 from quantcli.graph.signature import input_specs
-from quantcli.quantize.config import Int8Config
 from quantcli.quantize.detect import check_not_quantized
-from quantcli.quantize.int8 import calibrate_plan
-from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.pipeline import calibrate_plan
+from quantcli.quantize.int8.prepare import prepare_for_int8
 
 
 def calibrate_file(

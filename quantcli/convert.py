@@ -20,7 +20,7 @@ from quantcli.graph.io import (
     save_model,
 )
 from quantcli.graph.signature import input_specs
-from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8.config import Int8Config
 from quantcli.validate import output_validator
 
 
@@ -79,7 +79,7 @@ def convert_int8_file(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConvertSummary:
-    from quantcli.quantize.int8 import quantize_int8
+    from quantcli.quantize.int8.pipeline import quantize_int8
 
     start = time.perf_counter()
     if config.format == "dynamic" and (data_spec or table_path):
@@ -144,7 +144,7 @@ def convert_int4_file(
 ) -> ConvertSummary:
     from quantcli.graph.mapped import load_model_mapped
     from quantcli.quantize.detect import check_not_quantized
-    from quantcli.quantize.int4 import quantize_int4
+    from quantcli.quantize.int4.convert import quantize_int4
 
     start = time.perf_counter()
     check_model_path(Path(model_path))

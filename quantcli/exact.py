@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 
 import numpy as np
 
@@ -18,24 +19,31 @@ import numpy as np
 class ExactSum:
     """The exact sum of floats added one by one, rounded once when read (`value`)."""
 
-    __slots__ = ("partials", "special")
+    __slots__ = ("big", "partials", "special")
 
     def __init__(self) -> None:
         self.partials: list[float] = []  # non-overlapping, increasing magnitude
         self.special = 0.0  # sum of the non-finite values: 0, +-inf or nan
+        # Once a partial sum leaves float64 (near 1.8e308) the rest is kept as a fraction:
+        # the total may still round to a finite float.
+        self.big: Fraction | None = None
 
     def add(self, x: float) -> None:
         x = float(x)
         if not math.isfinite(x):
             self.special += x
             return
+        if self.big is not None:
+            self.big += Fraction(x)
+            return
         partials, i = self.partials, 0
-        for y in partials:
+        for j, y in enumerate(partials):
             if abs(x) < abs(y):
                 x, y = y, x
             hi = x + y
-            if math.isinf(hi):  # overflow: the true sum is beyond float64
-                self.special += hi
+            if math.isinf(hi):  # float64 overflow: switch to exact fractions
+                rest = [*partials[:i], x, y, *partials[j + 1 :]]
+                self.big, self.partials = sum(map(Fraction, rest), Fraction(0)), []
                 return
             lo = y - (hi - x)
             if lo:
@@ -51,8 +59,12 @@ class ExactSum:
 
     def merge(self, other: ExactSum) -> ExactSum:
         out = ExactSum()
-        out.partials, out.special = list(self.partials), self.special + other.special
+        out.partials, out.special, out.big = list(self.partials), self.special, self.big
+        out.special += other.special
         out.add_all(other.partials)
+        if other.big is not None:
+            out.big = _exact(out) + other.big
+            out.partials = []
         return out
 
     @property
@@ -60,6 +72,10 @@ class ExactSum:
         if self.special != 0:  # also true for nan
             return self.special
         try:
-            return math.fsum(self.partials)
+            return float(_exact(self)) if self.big is not None else math.fsum(self.partials)
         except OverflowError:
-            return math.copysign(math.inf, self.partials[-1])
+            return math.inf if _exact(self) > 0 else -math.inf
+
+
+def _exact(s: ExactSum) -> Fraction:
+    return s.big if s.big is not None else sum(map(Fraction, s.partials), Fraction(0))

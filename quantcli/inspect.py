@@ -9,11 +9,11 @@ import onnx_ir as ir
 
 from quantcli.graph.io import LoadedModel
 from quantcli.graph.signature import TensorSpec, input_specs, output_specs
-from quantcli.quantize.config import Int8Config
 from quantcli.quantize.detect import quantization_state
-from quantcli.quantize.int4_plan import int4_candidates
-from quantcli.quantize.prepare import prepare_for_int8
-from quantcli.quantize.saturation_check import check_saturation
+from quantcli.quantize.int4.plan import int4_candidates
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.prepare import prepare_for_int8
+from quantcli.quantize.int8.saturation_check import check_saturation
 
 
 def _spec_dict(spec: TensorSpec) -> dict[str, Any]:

@@ -13,10 +13,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.passes import FoldConstantTransformsPass, FoldPadIntoConvPass
-from quantcli.quantize.blockwise import ZERO_POINT, quantize_blocks_int8
-from quantcli.quantize.int4 import Int4Config, quantize_int4
-from quantcli.quantize.int4_math import quantize_rtn
-from quantcli.quantize.math import QParams, activation_qparams, clamps_within
+from quantcli.quantize.int4.config import Int4Config
+from quantcli.quantize.int4.convert import quantize_int4
+from quantcli.quantize.int8.blockwise import ZERO_POINT, quantize_blocks_int8
+from quantcli.quantize.math.affine import QParams, activation_qparams, clamps_within
+from quantcli.quantize.math.int4 import quantize_rtn
 
 RNG = np.random.default_rng(0)
 
@@ -120,7 +121,7 @@ def test_clamps_within_matches_quantizer_saturation() -> None:
 def test_bias_correction_removes_the_mean_shift(tiny, tmp_path) -> None:
     """With bias correction the quantized Conv's mean output error is much smaller."""
     from quantcli.convert import convert_int8_file
-    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.int8.config import Int8Config
 
     w = RNG.standard_normal((8, 1, 3, 3)).astype(np.float32)  # depthwise: few taps
     nodes = [
@@ -210,8 +211,8 @@ def test_blockwise_int8_packing_round_trips_and_matches_ort() -> None:
 
 
 def test_auto_plans_gelu_fed_matmuls_smoothed_or_blockwise(tiny) -> None:
-    from quantcli.quantize.config import Int8Config
-    from quantcli.quantize.prepare import prepare_for_int8
+    from quantcli.quantize.int8.config import Int8Config
+    from quantcli.quantize.int8.prepare import prepare_for_int8
 
     w1 = RNG.standard_normal((8, 16)).astype(np.float32)
     w2 = RNG.standard_normal((16, 8)).astype(np.float32)

@@ -12,8 +12,8 @@ import pytest
 from conftest import SAMPLE_NAMES, Cli, Sample, Tiny, sample
 
 from quantcli.calibrate.config import METHODS
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.prepare import prepare_for_int8
 
 
 def _table(path: Path) -> dict:

@@ -145,6 +145,25 @@ def test_compare_on_ray_gives_the_one_process_metrics(cluster: str, tmp_path: Pa
     assert ray["latency"]["float"]["runs"] == 5
 
 
+def test_tune_on_ray_ranks_with_the_one_process_scores(cluster: str, tmp_path: Path) -> None:
+    """Ranking trials run as tasks on the workers; each score equals the one-process score,
+    so the search takes the same path."""
+    s, cli = sample("digits_cnn"), Cli()
+    base = ["tune", s.model, "--data", s.calib, "--eval", s.eval, "--min-cosine", "0.99995"]
+    base += ["--max-trials", "40", "--runs", "5", "--json"]
+    one = json.loads(cli.ok(*base, "-o", tmp_path / "one.onnx").stdout)
+    ray = json.loads(cli.ok(*base, "-o", tmp_path / "ray.onnx", "--ray", cluster).stdout)
+
+    def ranking(doc: dict) -> list:
+        return [(t["assignment"], t["score"]) for t in doc["trials"] if t["stage"] == "rank"]
+
+    assert len(ranking(one)) > 2 and ranking(ray) == ranking(one)
+    assert ray["cluster"]["nodes"] == 2 and ray["cluster"]["ranking_trials"] >= 2
+    assert one["cluster"] is None
+    steps = [(t["stage"], t["assignment"]) for t in one["trials"] if t["stage"] != "speed"]
+    assert [(t["stage"], t["assignment"]) for t in ray["trials"] if t["stage"] != "speed"] == steps
+
+
 def test_a_data_error_on_the_cluster_is_one_line(cluster: str, tmp_path: Path) -> None:
     s = sample("digits_cnn")
     bad = tmp_path / "bad.npz"

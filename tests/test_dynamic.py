@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from quantcli.quantize.dynamic import DynamicQuantizePass, DynamicWeights
+from quantcli.quantize.int8.dynamic import DynamicQuantizePass, DynamicWeights
 
 RNG = np.random.default_rng(0)
 F = TensorProto.FLOAT

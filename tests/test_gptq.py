@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantcli.quantize.gptq import gptq_quantize, hessian_update
-from quantcli.quantize.int4_math import (
+from quantcli.quantize.math.gptq import gptq_quantize, hessian_update
+from quantcli.quantize.math.int4 import (
     BlockQuantized,
     block_params,
     dequantize_values,

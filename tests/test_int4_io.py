@@ -17,7 +17,7 @@ from int4_models import tiny_lm
 from quantcli.convert import convert_int4_file
 from quantcli.graph import mapped
 from quantcli.graph.mapped import load_model_mapped
-from quantcli.quantize.int4 import Int4Config
+from quantcli.quantize.int4.config import Int4Config
 
 
 def _arrays(model: ir.Model) -> dict[str, np.ndarray]:

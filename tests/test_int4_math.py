@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.quantize.int4_math import (
+from quantcli.quantize.math.int4 import (
     BlockQuantized,
     block_params,
     pack_matmulnbits,

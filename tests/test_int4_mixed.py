@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.convert import convert_int4_file
 from quantcli.graph.io import file_size
-from quantcli.quantize.int4 import Int4Config
-from quantcli.quantize.int4_formats import FLOAT, Choice, int8_block, weight_bytes
-from quantcli.quantize.int4_mixed import _greedy, _more_bits, allocate
+from quantcli.quantize.int4.config import Int4Config
+from quantcli.quantize.int4.formats import FLOAT, Choice, int8_block, weight_bytes
+from quantcli.quantize.int4.mixed import _greedy, _more_bits, allocate
 
 B4, B4C, B8 = Choice(4, 32), Choice(4, 128), Choice(8, 128)
 

@@ -14,10 +14,10 @@ from conftest import SAMPLE_NAMES, Cli, Tiny, run_ort, sample
 
 from quantcli.convert import convert_int4_file
 from quantcli.graph.passes import prepare_model
-from quantcli.quantize.int4 import Int4Config
-from quantcli.quantize.int4_formats import parse_choice, quantize_int8_blocks
-from quantcli.quantize.int4_math import quantize_rtn
-from quantcli.quantize.int4_plan import int4_candidates
+from quantcli.quantize.int4.config import Int4Config
+from quantcli.quantize.int4.formats import parse_choice, quantize_int8_blocks
+from quantcli.quantize.int4.plan import int4_candidates
+from quantcli.quantize.math.int4 import quantize_rtn
 
 FORMATS = ("matmulnbits", "qdq")
 

@@ -16,12 +16,12 @@ from quantcli.convert import convert_int4_file
 from quantcli.data import open_data
 from quantcli.graph.passes import prepare_model
 from quantcli.graph.signature import input_specs
-from quantcli.quantize import int4_calib
-from quantcli.quantize.int4 import Int4Config
-from quantcli.quantize.int4_calib import Accumulator, SegmentRunner, plan_segments
-from quantcli.quantize.int4_formats import quantize_int8_blocks
-from quantcli.quantize.int4_math import quantize_rtn
-from quantcli.quantize.int4_plan import plan_units
+from quantcli.quantize.int4 import calib as int4_calib
+from quantcli.quantize.int4.calib import Accumulator, SegmentRunner, plan_segments
+from quantcli.quantize.int4.config import Int4Config
+from quantcli.quantize.int4.formats import quantize_int8_blocks
+from quantcli.quantize.int4.plan import plan_units
+from quantcli.quantize.math.int4 import quantize_rtn
 
 FORMATS = ("matmulnbits", "qdq")
 

@@ -16,8 +16,8 @@ import quantcli.graph.io as gio
 from quantcli.convert import convert_int4_file, convert_int8_file
 from quantcli.errors import ModelError, OutputError
 from quantcli.graph.io import check_output_path, file_size, load_model, save_model
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.int4 import Int4Config
+from quantcli.quantize.int4.config import Int4Config
+from quantcli.quantize.int8.config import Int8Config
 
 
 def _external(tiny: Tiny, name: str = "gemm_mlp") -> Path:

@@ -12,9 +12,9 @@ from conftest import Tiny, conv_net, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.convert import convert_int8_file
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.plan import Plan
-from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.plan import Plan
+from quantcli.quantize.int8.prepare import prepare_for_int8
 
 
 class Converted:
@@ -197,8 +197,8 @@ def test_per_tensor_activation_params_are_scalars(tiny: Tiny) -> None:
 def test_include_forces_an_op_type_outside_the_selection_and_unmatched_patterns_are_listed(
     tiny,
 ) -> None:
-    from quantcli.quantize.config import Int8Config
-    from quantcli.quantize.prepare import prepare_for_int8
+    from quantcli.quantize.int8.config import Int8Config
+    from quantcli.quantize.int8.prepare import prepare_for_int8
 
     proto = conv_net()
     names = [n.name for n in proto.graph.node]

@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.convert import convert_int8_file
 from quantcli.errors import InputError
-from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8.config import Int8Config
 
 EVAL = 256  # evaluation samples per model
 QDQ = Int8Config(format="qdq")  # every planned node as Q/DQ (MatMuls too)

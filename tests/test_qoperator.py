@@ -14,7 +14,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from quantcli.quantize.qoperator import QOperatorPass
+from quantcli.quantize.int8.qoperator import QOperatorPass
 
 RNG = np.random.default_rng(0)
 F = TensorProto.FLOAT

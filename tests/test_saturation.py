@@ -26,14 +26,14 @@ from quantcli.convert import convert_int8_file
 from quantcli.errors import InputError
 from quantcli.evaluate.host import _isa, int16_pairs_saturate
 from quantcli.graph.io import load_model
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.saturation import (
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.saturation_check import check_saturation
+from quantcli.quantize.math.saturation import (
     PAIR_LIMIT,
     pair_bound,
     pair_safe_int8,
     saturating_matmul,
 )
-from quantcli.quantize.saturation_check import check_saturation
 
 RNG = np.random.default_rng(0)
 weights = hnp.arrays(
@@ -300,7 +300,7 @@ def test_gptq_rounding_stays_pair_safe_and_never_moves_the_output_more(w, x) -> 
     np.testing.assert_array_equal(s0, s1)  # same scales: only the rounding changes
 
     def moved(q_: np.ndarray) -> np.ndarray:
-        e = q_ * s1 - w.astype(np.float64)
+        e = q_.astype(np.float64) * s1 - w.astype(np.float64)  # float64, as the choice is made
         return np.einsum("kc,kc->c", e, gram @ e)
 
     assert np.all(moved(q) <= moved(plain) * (1 + 1e-9) + 1e-12)

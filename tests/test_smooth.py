@@ -1,4 +1,4 @@
-"""Activation smoothing (quantize/smooth.py), MatMul bias absorption and sibling fusion."""
+"""Activation smoothing (quantize/int8/smooth.py), MatMul bias absorption and sibling fusion."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.io import load_model
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.dynamic import DynamicQuantizePass
-from quantcli.quantize.int8 import quantize_int8
-from quantcli.quantize.smooth import SmoothInputsPass, smoothing_scales
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.dynamic import DynamicQuantizePass
+from quantcli.quantize.int8.pipeline import quantize_int8
+from quantcli.quantize.int8.smooth import SmoothInputsPass, smoothing_scales
 
 RNG = np.random.default_rng(0)
 F = TensorProto.FLOAT

@@ -13,9 +13,9 @@ from quantcli.calibrate.config import CalibrationConfig
 from quantcli.convert import convert_int8_file
 from quantcli.errors import InputError
 from quantcli.graph.io import load_model
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.plan import build_plan
-from quantcli.quantize.prepare import prepare_for_int8
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.plan import build_plan
+from quantcli.quantize.int8.prepare import prepare_for_int8
 from quantcli.search.space import build_space
 
 DIGITS = sample("digits_cnn")
@@ -123,7 +123,7 @@ def test_tune_refuses_bad_input_with_one_line(cli: Cli, tmp_path: Path) -> None:
 def test_recipes_are_checked(cli: Cli, tmp_path: Path) -> None:
     config = Int8Config(node_formats=(("/head/Gemm", "float"),))
     from quantcli.calibrate.table import model_fingerprint
-    from quantcli.quantize.recipe import Recipe
+    from quantcli.quantize.int8.recipe import Recipe
 
     recipe = Recipe(model_fingerprint(DIGITS.model), config, CalibrationConfig())
     path = tmp_path / "r.json"

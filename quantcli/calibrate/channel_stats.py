@@ -3,7 +3,7 @@
 Three uses: the per-channel mean drives bias correction (quantizing W to Wq shifts a layer's
 mean output by (Wq - W) . E[x]; Nagel et al., 2019), the per-channel max |x| drives
 activation smoothing (a few channels far above the rest ruin a per-tensor int8 scale;
-quantize/smooth.py moves their range into the weights), and the mean square E[x^2] weighs
+quantize/int8/smooth.py moves their range into the weights), and the mean square E[x^2] weighs
 weight errors by how much of the output they move (pair-safe weights, saturation.py).
 
 Batches are summed in blocks of BLOCK_BATCHES and the blocks' float64 sums are then added in
@@ -108,7 +108,10 @@ class ChannelStats:
         if self.track_gram and moved.shape[1] <= MAX_GRAM_CHANNELS:
             # float32 products (3x faster on large feature maps), float64 totals.
             rows = np.ascontiguousarray(moved, np.float32)
-            gram = (rows.T @ rows).astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                gram = (rows.T @ rows).astype(np.float64)
+                if not np.isfinite(gram).all():  # float32 overflowed: redo in float64
+                    gram = moved.T @ moved
             if self._gram_full is None:
                 self._gram_full = gram
             else:

@@ -93,7 +93,7 @@ def calibrate(
     from quantcli.calibrate.config import CalibrationConfig
     from quantcli.calibration import calibrate_file
     from quantcli.data import parse_shard
-    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.int8.config import Int8Config
 
     config = CalibrationConfig(
         method=method,

@@ -143,6 +143,29 @@ PreprocessOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per inference run.")]
+
+# Accuracy gates: `compare` fails on them, `tune` searches within them.
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option("--labels", help="An .npy of class ids (or a 'labels' key in the .npz)."),
+]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option("--metric", help="Your metric: module:function or path/file.py:function."),
+]
+MaxDropOpt = Annotated[
+    float | None, typer.Option("--max-drop", help="Gate: max accuracy drop, points.")
+]
+MinCosineOpt = Annotated[
+    float | None, typer.Option("--min-cosine", help="Gate: min mean cosine per output.")
+]
+MinTop1Opt = Annotated[
+    float | None, typer.Option("--min-top1", help="Gate: min top-1 agreement with float.")
+]
+MetricGateOpt = Annotated[
+    list[str] | None,
+    typer.Option("--metric-gate", help="Gate on a --metric result: NAME<=V or NAME>=V."),
+]
 LimitOpt = Annotated[
     int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")
 ]
@@ -153,7 +176,7 @@ def op_selection(
 ) -> dict[str, Any]:
     """Int8Config fields for the node selection options, validated."""
     from quantcli.errors import InputError
-    from quantcli.quantize.rules import RULES
+    from quantcli.quantize.int8.rules import RULES
 
     selected = None
     if op_types:

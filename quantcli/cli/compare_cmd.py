@@ -14,7 +14,13 @@ from quantcli.cli.common import (
     BatchOpt,
     DataOpt,
     JsonOpt,
+    LabelsOpt,
     LimitOpt,
+    MaxDropOpt,
+    MetricGateOpt,
+    MetricOpt,
+    MinCosineOpt,
+    MinTop1Opt,
     PreprocessOpt,
     handle_errors,
     out,
@@ -33,10 +39,7 @@ def compare(
     float_model: FloatArg,
     quant_model: QuantArg,
     data: DataOpt,
-    labels: Annotated[
-        Path | None,
-        typer.Option("--labels", help="An .npy of class ids (or a 'labels' key in the .npz)."),
-    ] = None,
+    labels: LabelsOpt = None,
     provider: Annotated[
         str, typer.Option("--provider", help="Execution provider: cpu, cuda or tensorrt.")
     ] = "cpu",
@@ -50,29 +53,17 @@ def compare(
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="SQNR of every quantized tensor, worst first.")
     ] = False,
-    metric: Annotated[
-        str | None,
-        typer.Option("--metric", help="Your metric: module:function or path/file.py:function."),
-    ] = None,
-    max_drop: Annotated[
-        float | None, typer.Option("--max-drop", help="Gate: max accuracy drop, points.")
-    ] = None,
-    min_cosine: Annotated[
-        float | None, typer.Option("--min-cosine", help="Gate: min mean cosine per output.")
-    ] = None,
+    metric: MetricOpt = None,
+    max_drop: MaxDropOpt = None,
+    min_cosine: MinCosineOpt = None,
     min_speedup: Annotated[
         float | None, typer.Option("--min-speedup", help="Gate: min float/quant latency ratio.")
     ] = None,
     max_size_ratio: Annotated[
         float | None, typer.Option("--max-size-ratio", help="Gate: max quant/float file size.")
     ] = None,
-    min_top1: Annotated[
-        float | None, typer.Option("--min-top1", help="Gate: min top-1 agreement with float.")
-    ] = None,
-    metric_gate: Annotated[
-        list[str] | None,
-        typer.Option("--metric-gate", help="Gate on a --metric result: NAME<=V or NAME>=V."),
-    ] = None,
+    min_top1: MinTop1Opt = None,
+    metric_gate: MetricGateOpt = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write a report: .json, .md or .html.")
     ] = None,

@@ -201,7 +201,7 @@ def convert(
 def _int8(**o: Any) -> Any:
     from quantcli.calibrate.config import CalibrationConfig
     from quantcli.convert import convert_int8_file
-    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.int8.config import Int8Config
 
     if o["recipe"] is not None:
         return _replay(o)
@@ -261,7 +261,7 @@ def _replay(o: dict[str, Any]) -> Any:
     from quantcli.calibrate.table import model_fingerprint
     from quantcli.convert import convert_int8_file
     from quantcli.graph.io import check_model_path
-    from quantcli.quantize.recipe import load_recipe
+    from quantcli.quantize.int8.recipe import load_recipe
 
     recipe = load_recipe(o["recipe"])
     check_model_path(Path(o["model"]))
@@ -354,7 +354,7 @@ def parse_budget(text: str | None) -> tuple[float | None, int | None]:
 
 def _int4(**o: Any) -> Any:
     from quantcli.convert import convert_int4_file
-    from quantcli.quantize.int4 import Int4Config
+    from quantcli.quantize.int4.config import Int4Config
 
     given = [
         flag

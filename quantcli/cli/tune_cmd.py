@@ -3,7 +3,6 @@ whose accuracy stays within the budget, searched per node (quantcli/search/)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,11 +10,18 @@ from rich.markup import escape
 
 from quantcli.calibrate.config import DEFAULT_METHOD
 from quantcli.cli.calibrate_cmd import MethodOpt
+from quantcli.cli.cluster_opts import RayOpt, cluster_config
 from quantcli.cli.common import (
     BatchOpt,
     ForceOpt,
     JsonOpt,
+    LabelsOpt,
     LimitOpt,
+    MaxDropOpt,
+    MetricGateOpt,
+    MetricOpt,
+    MinCosineOpt,
+    MinTop1Opt,
     ModelArg,
     OutputOpt,
     handle_errors,
@@ -34,29 +40,12 @@ def tune(
     eval_: Annotated[
         str, typer.Option("--eval", help="Evaluation samples (kept apart from --data).")
     ],
-    labels: Annotated[
-        Path | None,
-        typer.Option("--labels", help="An .npy of class ids for --eval (or its 'labels' key)."),
-    ] = None,
-    metric: Annotated[
-        str | None,
-        typer.Option("--metric", help="Your metric: module:function or path/file.py:function."),
-    ] = None,
-    max_drop: Annotated[
-        float | None, typer.Option("--max-drop", help="Budget: max accuracy drop, points.")
-    ] = None,
-    min_cosine: Annotated[
-        float | None, typer.Option("--min-cosine", help="Budget: min mean cosine per output.")
-    ] = None,
-    min_top1: Annotated[
-        float | None, typer.Option("--min-top1", help="Budget: min top-1 agreement with float.")
-    ] = None,
-    metric_gate: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--metric-gate", help="Budget on a --metric result: NAME<=VALUE or NAME>=VALUE."
-        ),
-    ] = None,
+    labels: LabelsOpt = None,
+    metric: MetricOpt = None,
+    max_drop: MaxDropOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_top1: MinTop1Opt = None,
+    metric_gate: MetricGateOpt = None,
     min_speedup: Annotated[
         float | None, typer.Option("--min-speedup", help="Also require this speedup.")
     ] = None,
@@ -87,13 +76,14 @@ def tune(
     ] = False,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Find the fastest INT8 model of MODEL within an accuracy budget; exit 1 if none fits."""
     from quantcli.calibrate.config import CalibrationConfig
     from quantcli.data import read_labels_file
     from quantcli.evaluate.gates import GateSpec, parse_metric_gate
     from quantcli.evaluate.result import CompareConfig
-    from quantcli.quantize.config import Int8Config
+    from quantcli.quantize.int8.config import Int8Config
     from quantcli.search.tune import TuneConfig, raise_if_not_found, tune_file
 
     gates = GateSpec(
@@ -122,6 +112,7 @@ def tune(
         write_best=write_best,
         force=force,
         progress=_TuneBar(max_trials),
+        cluster=cluster_config(ray),
     )
     doc = result.to_dict()
     if json_:

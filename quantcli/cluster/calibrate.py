@@ -32,7 +32,7 @@ from quantcli.cluster.shards import Ledger, Part, PartResult, split
 from quantcli.data import DataSource, ImageOptions, open_data
 from quantcli.data.validate import batch_size_for
 from quantcli.errors import ClusterError, ModelError, QuantcliError
-from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8.config import Int8Config
 
 Progress = Any  # Callable[[int parts done, int parts, int samples done, str where], None]
 
@@ -209,8 +209,8 @@ def _prepared(job: CalibrationJob) -> tuple[Any, ...]:
     from quantcli.calibrate.table import model_fingerprint
     from quantcli.graph.io import load_model
     from quantcli.graph.signature import input_specs
-    from quantcli.quantize.int8 import gram_inputs
-    from quantcli.quantize.prepare import prepare_for_int8
+    from quantcli.quantize.int8.pipeline import gram_inputs
+    from quantcli.quantize.int8.prepare import prepare_for_int8
 
     if not os.path.isfile(job.model):
         raise ModelError(f"model file not found: {job.model}")

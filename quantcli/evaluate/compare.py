@@ -26,7 +26,7 @@ from quantcli.evaluate.result import SCHEMA, CompareConfig, CompareResult, DataI
 from quantcli.runtime import resolve_providers, session_options
 
 if TYPE_CHECKING:
-    from quantcli.quantize.saturation_check import SaturationCheck
+    from quantcli.quantize.int8.saturation_check import SaturationCheck
 
 Progress = Callable[[int, int], None]
 __all__ = ["SCHEMA", "CompareConfig", "CompareResult", "DataInfo", "DataSourceLike", "compare"]
@@ -102,7 +102,7 @@ def compare(
 def saturation_of(path: str) -> SaturationCheck:
     import onnx_ir as ir
 
-    from quantcli.quantize.saturation_check import check_saturation
+    from quantcli.quantize.int8.saturation_check import check_saturation
 
     return check_saturation(ir.load(path))
 

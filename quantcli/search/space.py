@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantcli.quantize.plan import Plan
+from quantcli.quantize.int8.plan import Plan
 
 HEAVY = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LADDERS = {

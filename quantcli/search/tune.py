@@ -16,11 +16,12 @@ winner is written with a recipe that `convert --recipe` replays byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ from quantcli.evaluate.gates import GateSpec, check_gates_possible
 from quantcli.evaluate.result import CompareConfig
 from quantcli.graph.io import check_model_path, check_output_path, load_model, save_model
 from quantcli.graph.signature import input_specs
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.int8 import gram_inputs, quantize_int8
-from quantcli.quantize.math import reusing_weights
-from quantcli.quantize.prepare import prepare_for_int8
-from quantcli.quantize.recipe import Recipe
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.pipeline import gram_inputs, quantize_int8
+from quantcli.quantize.int8.prepare import prepare_for_int8
+from quantcli.quantize.int8.recipe import Recipe
+from quantcli.quantize.math.affine import reusing_weights
 from quantcli.search.evaluator import Evaluator, Score
 from quantcli.search.space import Assignment, Space, build_space
 
@@ -105,6 +106,7 @@ class TuneResult:
     recipe: Path | None
     stopped: str  # why the search ended
     held_back: list[str]
+    cluster: dict[str, Any] | None = None  # with --ray: the cluster and the trials it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +117,7 @@ class TuneResult:
             "stopped": self.stopped,
             "best": self.best.to_dict() if self.best else None,
             "held_back": self.held_back,
+            "cluster": self.cluster,
             "groups": [
                 {"name": g.name, "nodes": list(g.nodes), "ladder": list(g.ladder)}
                 for g in self.space.groups
@@ -123,10 +126,18 @@ class TuneResult:
         }
 
 
+# Scores ranking candidates elsewhere (search/remote.py, on a Ray cluster): given the shared
+# table and (node formats, subset) per candidate, yields (score, seconds) in that order.
+RemoteScorer = Callable[[CalibrationTable, list[tuple[dict[str, str], list[int]]]], Iterator]
+
+
 class _Search:
     def __init__(self, model: Path, config: TuneConfig, evaluator: Evaluator, table, calib,
-                 space, workdir: Path, state: Path, progress: Progress | None) -> None:  # fmt: skip
+                 space, workdir: Path, state: Path, progress: Progress | None,
+                 remote: RemoteScorer | None = None) -> None:  # fmt: skip
         self.model, self.config, self.evaluator, self.calib = model, config, evaluator, calib
+        self.remote = remote
+        self.remote_trials = 0  # ranking trials scored on the cluster
         self.table: CalibrationTable = table
         self.space: Space = space
         self.workdir, self.state, self.progress = workdir, state, progress
@@ -138,9 +149,11 @@ class _Search:
 
     # ------------------------------------------------------------------ budget and state
 
+    def fresh_trials(self) -> int:
+        return sum(1 for t in self.trials if t.seconds > 0)
+
     def out_of_budget(self) -> bool:
-        fresh = sum(1 for t in self.trials if t.seconds > 0)
-        if fresh >= self.config.max_trials:
+        if self.fresh_trials() >= self.config.max_trials:
             self.stopped = f"--max-trials {self.config.max_trials} reached"
             return True
         limit = self.config.time_budget
@@ -174,8 +187,11 @@ class _Search:
 
     # ------------------------------------------------------------------ trials
 
+    def config_for(self, assignment: Assignment) -> Int8Config:
+        return replace(self.config.base, node_formats=self.space.node_formats(assignment))
+
     def build(self, assignment: Assignment) -> Path:
-        config = replace(self.config.base, node_formats=self.space.node_formats(assignment))
+        config = self.config_for(assignment)
         self._extend_table(config)
         loaded = load_model(self.model)
         result = quantize_int8(loaded, config, table=self.table)
@@ -210,23 +226,55 @@ class _Search:
         start = time.monotonic()
         path = self.build(assignment)
         score: Score = self.evaluator.score(path, subset)
-        trial = Trial(
-            stage, assignment, self.space.formats(assignment), score.to_dict(), score.passed,
-            subset is not None,
-        )  # fmt: skip
+        trial = self._new(stage, assignment, score, subset)
         if score.passed and subset is None:
             lat = self.evaluator.latency(path)
             trial.speedup, trial.quant_ms = lat.speedup, lat.quant_stats.median_ms
             trial.passed = self._speed_ok(lat.speedup)
-        trial.seconds = time.monotonic() - start
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return self._record(key, trial, time.monotonic() - start)
+
+    def ranking_trials(
+        self, assignments: list[Assignment], subset: list[int]
+    ) -> list[Trial | None]:
+        """Ranking trials are independent of each other: with a cluster they are scored in
+        parallel (never more than the trials left), else one by one. None: not run, the
+        search is out of budget."""
+        if self.remote is not None and not self.out_of_budget():
+            room = self.config.max_trials - self.fresh_trials()
+            todo = [a for a in dict.fromkeys(assignments) if ("rank", a, True) not in self.known]
+            todo = todo[:room]
+            for assignment in todo:  # ranges a candidate needs, into the shared table
+                self._extend_table(self.config_for(assignment))
+            calls = [(self.space.node_formats(a), subset) for a in todo]
+            scores = self.remote(self.table, calls)
+            for assignment, (score, seconds) in zip(todo, scores, strict=True):
+                trial = self._new("rank", assignment, score, subset)
+                self._record(("rank", assignment, True), trial, seconds)
+                self.remote_trials += 1
+        done = []
+        for assignment in assignments:
+            key = ("rank", assignment, True)
+            run = key in self.known or not self.out_of_budget()
+            done.append(self.trial("rank", assignment, subset) if run else None)
+        return done
+
+    def _new(
+        self, stage: str, assignment: Assignment, score: Score, subset: list[int] | None
+    ) -> Trial:
+        formats = self.space.formats(assignment)
+        return Trial(stage, assignment, formats, score.to_dict(), score.passed, subset is not None)
+
+    def _record(self, key: tuple[str, Assignment, bool], trial: Trial, seconds: float) -> Trial:
+        trial.seconds = seconds
         self.known[key] = trial
         self.trials.append(trial)
         self._save_state()
-        shutil.rmtree(path.parent, ignore_errors=True)
         best = self.best()
         if self.progress:
             done = sum(1 for t in self.trials if t.seconds > 0)
-            self.progress(stage, done, self.config.max_trials, best.speedup if best else None)
+            speedup = best.speedup if best else None
+            self.progress(trial.stage, done, self.config.max_trials, speedup)
         return trial
 
     def _speed_ok(self, speedup: float) -> bool:
@@ -274,13 +322,15 @@ class _Search:
 
     def rank(self, current: Trial, subset: list[int]) -> list[int]:
         """Groups by how much one rung towards float helps on the worst samples."""
-        gains = []
         base = self.trial("rank", current.assignment, subset)
-        for index in range(len(self.space.groups)):
-            moved = self.space.step(current.assignment, index)
-            if moved is None or self.out_of_budget():
-                continue
-            gains.append((_error(base) - _error(self.trial("rank", moved, subset)), index))
+        moves = [(i, self.space.step(current.assignment, i)) for i in range(len(self.space.groups))]
+        moves = [(i, m) for i, m in moves if m is not None]
+        scored = self.ranking_trials([m for _, m in moves], subset)
+        gains = [
+            (_error(base) - _error(trial), i)
+            for (i, _), trial in zip(moves, scored, strict=True)
+            if trial is not None
+        ]
         return [i for gain, i in sorted(gains, key=lambda g: (-g[0], g[1])) if gain > 0]
 
     def speed_pass(self) -> None:
@@ -324,8 +374,12 @@ def tune_file(
     force: bool = False,
     state_path: Path | None = None,
     progress: Progress | None = None,
+    cluster: Any = None,
 ) -> TuneResult:
-    """Search per-node formats for the fastest model within the budget and write it."""
+    """Search per-node formats for the fastest model within the budget and write it.
+
+    `cluster` (a `ClusterConfig`): ranking trials run as Ray tasks there (search/remote.py).
+    """
     from quantcli.convert import convert_int8_file
 
     check_model_path(Path(model_path))
@@ -344,27 +398,35 @@ def tune_file(
         has_metric=cfg.metric is not None,
     )
     _, plan = prepare_for_int8(loaded.model, config.base)
-    inputs = {
-        n.name or "": (n.inputs[0].name or "")
-        for n in loaded.model.graph
-        if n.inputs and n.inputs[0] is not None
-    }
-    space = build_space(plan, inputs)
-    table, calib = calibrate_file(model_path, data_spec, config.calibration, config.base)
+    space = build_space(plan, _activation_inputs(loaded.model))
     state = state_path or output.with_name(output.name + ".tune-state.json")
-    workdir = Path(tempfile.mkdtemp(prefix=".quantcli-tune-", dir=output.parent))
-    try:
+    with contextlib.ExitStack() as stack:
+        remote, where = None, None
+        if cluster is not None:  # joined first: an unreachable cluster fails before any work
+            from quantcli.cluster.engine import connect
+            from quantcli.search.remote import ray_scorer
+
+            joined = stack.enter_context(connect(cluster))
+            where = {"address": joined.address, "nodes": len(joined.nodes), "cpus": joined.cpus}
+            remote = ray_scorer(
+                joined, cluster.retries, Path(model_path), eval_spec, labels, config.gates,
+                cfg, config.base,
+            )  # fmt: skip
+        table, calib = calibrate_file(model_path, data_spec, config.calibration, config.base)
+        workdir = Path(tempfile.mkdtemp(prefix=".quantcli-tune-", dir=output.parent))
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         evaluator = Evaluator(Path(model_path), evaluation, config.gates, cfg, workdir / "float")
         search = _Search(
-            Path(model_path), config, evaluator, table, calib, space, workdir, state, progress
-        )
+            Path(model_path), config, evaluator, table, calib, space, workdir, state, progress,
+            remote,
+        )  # fmt: skip
         with reusing_weights():
             search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     best = search.best()
     found = best is not None
     result = TuneResult(found, best, search.trials, space, None, None, search.stopped, [])
+    if where is not None:
+        result.cluster = where | {"ranking_trials": search.remote_trials}
     pick = best or min((t for t in search.trials if not t.subset), key=_error, default=None)
     if not found:
         result.best = pick

@@ -14,7 +14,7 @@ from typing import Any
 
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.errors import InputError
-from quantcli.quantize.config import Int8Config
+from quantcli.quantize.int8.config import Int8Config
 
 SCHEMA = "quantcli.recipe/1"
 

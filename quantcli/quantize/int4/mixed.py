@@ -1,6 +1,6 @@
 """Mixed INT4/INT8/float under a size budget, and named presets.
 
-Budget (`--budget 4.5` bits per weight, or `--budget 120MB`): every unit (`int4_plan.py`)
+Budget (`--budget 4.5` bits per weight, or `--budget 120MB`): every unit (`plan.py`)
 has a few options (4-bit with the chosen block, 4-bit with coarse blocks, 8-bit, float),
 each with its exact stored bytes and its relative output error (from calibration: the error
 each option adds to the layer's output over that output's energy, E|x dW|^2 / E|x W|^2;
@@ -30,14 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.quantize.int4_formats import (
+from quantcli.quantize.int4.formats import (
     FLOAT,
     Choice,
     coarse_block,
     int8_block,
     weight_bytes,
 )
-from quantcli.quantize.int4_plan import Int4Unit
+from quantcli.quantize.int4.plan import Int4Unit
 
 MIXES = {
     "k-quant": "like llama.cpp's Q4_K_M: the output head (and a tied embedding), and the "

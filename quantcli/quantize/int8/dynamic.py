@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
-from quantcli.quantize.math import quantize_weight
-from quantcli.quantize.siblings import FuseSiblingMatMulsPass
+from quantcli.quantize.int8.siblings import FuseSiblingMatMulsPass
+from quantcli.quantize.math.affine import quantize_weight
 
 _ONNX = ("", "ai.onnx")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from quantcli.errors import InputError
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.rules import (
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.rules import (
     FUSABLE_ACTIVATIONS,
     RULES,
     OpRule,
@@ -22,7 +22,7 @@ from quantcli.quantize.rules import (
     is_depthwise,
     rule_for,
 )
-from quantcli.quantize.stem import float_stems
+from quantcli.quantize.int8.stem import float_stems
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # Measured on real models (docs/int8.md): the compute-heavy ops, and data movement between

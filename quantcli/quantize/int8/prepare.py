@@ -6,8 +6,8 @@ import onnx_ir as ir
 
 from quantcli.graph.passes import prepare_model
 from quantcli.graph.passes.opset import default_opset
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.plan import Plan, build_plan
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.plan import Plan, build_plan
 
 
 def needed_opset(model: ir.Model, config: Int8Config) -> int | None:

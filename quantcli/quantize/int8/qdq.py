@@ -11,8 +11,10 @@ import onnx_ir as ir
 
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.graph.build import Namer, add_initializer, const_array
-from quantcli.quantize.config import Int8Config
-from quantcli.quantize.math import (
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.plan import Plan
+from quantcli.quantize.int8.rules import depthwise_kernel
+from quantcli.quantize.math.affine import (
     QParams,
     activation_qparams,
     bias_qparams,
@@ -22,8 +24,6 @@ from quantcli.quantize.math import (
     quantize_weight,
     weight_qparams,
 )
-from quantcli.quantize.plan import Plan
-from quantcli.quantize.rules import depthwise_kernel
 
 Ranges = dict[str, tuple[float, float]]
 

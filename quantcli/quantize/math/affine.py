@@ -161,7 +161,7 @@ def quantize_weight(
         key = (digest.hexdigest(), w.shape, axis)
         if key in _REUSED:
             return _REUSED[key]
-    from quantcli.quantize.saturation import pair_safe_int8
+    from quantcli.quantize.math.saturation import pair_safe_int8
 
     q, scale = pair_safe_int8(w, axis, axis is not None, importance, gram)
     found = q, QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis)
@@ -174,12 +174,13 @@ _REUSED: dict | None = None
 
 
 @contextlib.contextmanager
-def reusing_weights() -> Iterator[None]:
+def reusing_weights(cache: dict | None = None) -> Iterator[None]:
     """Within the block, a pair-safe weight already quantized (same values, axis and
     importance) is reused instead of searched again: `quantcli tune` builds many
-    candidates of one model."""
+    candidates of one model. A `cache` given by the caller outlives the block (a cluster
+    worker keeps one across the trials it runs)."""
     global _REUSED
-    _REUSED = {}
+    _REUSED = {} if cache is None else cache
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantcli.quantize.int4_math import (
+from quantcli.quantize.math.int4 import (
     BlockQuantized,
     block_params,
     check_block_size,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.quantize.saturation import PAIR_LIMIT, pair_bound
+from quantcli.quantize.math.saturation import PAIR_LIMIT, pair_bound
 
 _MS = "com.microsoft"
 _ONNX = ("", "ai.onnx")

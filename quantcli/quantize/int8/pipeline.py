@@ -17,15 +17,15 @@ from quantcli.calibrate.table import CalibrationTable, model_fingerprint
 from quantcli.data import DataSource
 from quantcli.errors import InputError
 from quantcli.graph.io import LoadedModel
-from quantcli.quantize.config import Int8Config
 from quantcli.quantize.detect import check_not_quantized
-from quantcli.quantize.plan import Plan
-from quantcli.quantize.prepare import prepare_for_int8
-from quantcli.quantize.qdq import QDQPass
-from quantcli.quantize.saturation_check import SaturationCheck, check_saturation
+from quantcli.quantize.int8.config import Int8Config
+from quantcli.quantize.int8.plan import Plan
+from quantcli.quantize.int8.prepare import prepare_for_int8
+from quantcli.quantize.int8.qdq import QDQPass
+from quantcli.quantize.int8.saturation_check import SaturationCheck, check_saturation
 
 if TYPE_CHECKING:
-    from quantcli.quantize.dynamic import DynamicWeights
+    from quantcli.quantize.int8.dynamic import DynamicWeights
 
 Progress = Callable[[int, int], None]
 
@@ -68,11 +68,11 @@ def quantize_int8(
     if plan.nodes:
         QDQPass(plan, dict(table.ranges), config, dict(table.channels))(model)
     if config.format == "qoperator":
-        from quantcli.quantize.qoperator import QOperatorPass
+        from quantcli.quantize.int8.qoperator import QOperatorPass
 
         QOperatorPass()(model)
     if plan.dynamic:
-        from quantcli.quantize.dynamic import DynamicQuantizePass
+        from quantcli.quantize.int8.dynamic import DynamicQuantizePass
 
         names = frozenset(name for name, _ in plan.dynamic)
         inputs = {n.name: n.inputs[0].name for n in model.graph if n.name in names and n.inputs}
@@ -80,7 +80,7 @@ def quantize_int8(
         importance = _input_importance(inputs, plan, table, scales) if table else {}
         DynamicQuantizePass(_dynamic_weights(config), nodes=names, importance=importance)(model)
     if plan.blockwise:
-        from quantcli.quantize.blockwise import BlockwiseInt8Pass
+        from quantcli.quantize.int8.blockwise import BlockwiseInt8Pass
 
         names = frozenset(name for name, _ in plan.blockwise)
         BlockwiseInt8Pass(names, reduce_range=config.reduce_range)(model)
@@ -94,7 +94,7 @@ def _smooth(
     model: ir.Model, plan: Plan, table: CalibrationTable, nodes: frozenset[str]
 ) -> dict[str, np.ndarray]:
     """Smooth the dynamic MatMuls' outlier input channels; returns the divisors by tensor."""
-    from quantcli.quantize.smooth import SmoothInputsPass, smoothing_scales
+    from quantcli.quantize.int8.smooth import SmoothInputsPass, smoothing_scales
 
     scales = {}
     for name in plan.smooth_inputs:  # _table checked that every one has statistics
@@ -207,7 +207,7 @@ def _table(
 
 
 def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
-    from quantcli.quantize.dynamic import DynamicQuantizePass
+    from quantcli.quantize.int8.dynamic import DynamicQuantizePass
 
     names = {n.node for n in plan.nodes if n.op_type in ("MatMul", "Gemm") and n.weight}
     if not names:
@@ -221,7 +221,7 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
 
 
 def _dynamic_weights(config: Int8Config) -> DynamicWeights:
-    from quantcli.quantize.dynamic import DynamicWeights
+    from quantcli.quantize.int8.dynamic import DynamicWeights
 
     return DynamicWeights(config.per_channel, config.reduce_range, config.pair_safe)
 

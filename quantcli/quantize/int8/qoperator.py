@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
-from quantcli.quantize.qoperator_match import (
+from quantcli.quantize.int8.qoperator_match import (
     _ONNX,
     _Q8,
     Match,

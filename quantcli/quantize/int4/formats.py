@@ -3,7 +3,7 @@
 `--bits 4` stores most weights as 4-bit blocks; under a size budget (`--budget`) or a preset
 (`--mix`) a unit may instead be 4-bit with coarser blocks (fewer scales), 8-bit
 (`MatMulNBits` bits=8, symmetric blocks), or stay float. Sizes are exact for the layouts
-written (`int4.py`), so a budget in bits per weight or bytes holds for the written file.
+written (`rewrite.py`), so a budget in bits per weight or bytes holds for the written file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantcli.quantize.int4_math import n_blocks_for
+from quantcli.quantize.math.int4 import n_blocks_for
 
 COARSE_BLOCKS = (128, 64, 32)  # the coarse 4-bit option: the one storing fewest bytes
 

@@ -1,0 +1,1 @@
+"""INT4 (and 8-bit) blockwise weights: MatMulNBits or DequantizeLinear."""

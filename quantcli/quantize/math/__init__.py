@@ -1,0 +1,1 @@
+"""Pure numpy quantization math: no graphs, no ONNX Runtime."""
