@@ -163,3 +163,30 @@ def test_full_8bit_weights_are_max_abs_over_127(w: np.ndarray) -> None:
     assert np.abs(q.astype(np.int32)).max() <= 127
     np.testing.assert_allclose(scale, np.maximum(np.abs(w).max(axis=0) / 127, 1e-12), rtol=1e-6)
     assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-6 * np.abs(w))
+
+
+def test_standard_ops_writes_only_onnx_domain_ops_with_the_same_arithmetic(cli, tmp_path) -> None:
+    """convert --standard-ops: MatMulInteger instead of ONNX Runtime's fused op, the same
+    weights and results; the QOperator form (com.microsoft ops) is refused."""
+    from conftest import sample
+
+    s = sample("encoder")
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    cli.ok("convert", s.model, "--data", s.calib, "-o", fused)
+    cli.ok("convert", s.model, "--data", s.calib, "-o", plain, "--standard-ops")
+    model = onnx.load(plain)
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulInteger"] > 0 and ops["DynamicQuantizeLinear"] > 0
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in onnx.load(fused).graph.node}
+    feeds = {"input": s.eval_arrays(16)[0]}
+    a = ort.InferenceSession(fused).run(None, feeds)
+    b = ort.InferenceSession(plain).run(None, feeds)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    line = cli.fails(
+        "convert", s.model, "--data", s.calib, "-o", tmp_path / "q.onnx", "--standard-ops",
+        "--format", "qoperator",
+    )  # fmt: skip
+    assert "--standard-ops cannot write the QOperator form" in line

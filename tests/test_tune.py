@@ -144,6 +144,13 @@ def test_recipes_are_checked(cli: Cli, tmp_path: Path) -> None:
         "convert", DIGITS.model, "--recipe", path, "--data", DIGITS.calib, "-o", out, "--force"
     )
     assert onnx.load(out) == proto  # the earlier output is untouched
+    recipe.save(path)
+    for extra in (["--reduce-range"], ["--format", "qdq"], ["--standard-ops"]):
+        line = cli.fails(
+            "convert", DIGITS.model, "--recipe", path, "-d", DIGITS.calib, "-o", out, "--force",
+            *extra,
+        )  # fmt: skip
+        assert f"--recipe sets every conversion option; {extra[0]} cannot change it" in line
 
 
 def test_an_interrupted_search_resumes_to_the_same_result(cli: Cli, tmp_path: Path) -> None:

@@ -107,6 +107,14 @@ def convert(
         ),
     ] = None,
     smooth: SmoothOpt = None,
+    standard_ops: Annotated[
+        bool,
+        typer.Option(
+            "--standard-ops",
+            help="INT8: only standard ONNX ops (MatMulInteger, not ONNX Runtime's "
+            "com.microsoft ops), for other runtimes.",
+        ),
+    ] = False,
     op_types: OpTypesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -226,6 +234,7 @@ def _int8(**o: Any) -> Any:
         quantize_depthwise=o["depthwise"],
         bias_correction=o["bias_correction"],
         smooth=o["smooth"],
+        standard_ops=o["standard_ops"],
     )
     if o["target"] == "tensorrt":
         config = Int8Config.for_target("tensorrt", **fields)
@@ -263,6 +272,14 @@ def _replay(o: dict[str, Any]) -> Any:
     from quantcli.graph.io import check_model_path
     from quantcli.quantize.int8.recipe import load_recipe
 
+    given = _given(o, INT8_ONLY | INT4_ONLY, keep=("calibration", "preprocess", "recipe"))
+    if o["format_"] is not None:
+        given.append("--format")
+    if given:
+        raise InputError(
+            f"--recipe sets every conversion option; {'/'.join(given)} cannot change it",
+            hint="drop them, or convert without --recipe",
+        )
     recipe = load_recipe(o["recipe"])
     check_model_path(Path(o["model"]))
     if recipe.model_fingerprint != model_fingerprint(Path(o["model"])):
@@ -296,6 +313,7 @@ INT8_ONLY = {
     "depthwise": "--depthwise/--no-depthwise",
     "bias_correction": "--bias-correction/--no-bias-correction",
     "smooth": "--smooth/--no-smooth",
+    "standard_ops": "--standard-ops",
     "op_types": "--op-types",
     "include": "--include",
     "method": "--method",
@@ -303,7 +321,8 @@ INT8_ONLY = {
     "preprocess": "--preprocess",
     "recipe": "--recipe",
 }
-_OFF_FLAGS = {"dynamic", "reduce_range", "symmetric_activations"}  # False: not given
+# False: not given
+_OFF_FLAGS = {"dynamic", "reduce_range", "symmetric_activations", "standard_ops"}
 INT8_DEFAULTS = {
     "per_channel": True,
     "activation_type": "uint8",
@@ -324,6 +343,15 @@ INT4_ONLY = {
     "budget": "--budget",
     "mix": "--mix",
 }
+
+
+def _given(o: dict[str, Any], flags: dict[str, str], keep: tuple[str, ...] = ()) -> list[str]:
+    """The options among `flags` the user gave (an off switch left off counts as not given)."""
+    return [
+        flag
+        for key, flag in flags.items()
+        if key not in keep and o[key] is not None and not (o[key] is False and key in _OFF_FLAGS)
+    ]
 
 
 def _are(flags: list[str]) -> str:
@@ -356,11 +384,7 @@ def _int4(**o: Any) -> Any:
     from quantcli.convert import convert_int4_file
     from quantcli.quantize.int4.config import Int4Config
 
-    given = [
-        flag
-        for key, flag in INT8_ONLY.items()
-        if o[key] is not None and not (o[key] is False and key in _OFF_FLAGS)
-    ]
+    given = _given(o, INT8_ONLY)
     if given:
         raise InputError(
             f"{'/'.join(given)} {_are(given)} INT8 options", hint="drop them for --bits 4"

@@ -41,6 +41,9 @@ class Int8Config:
     target: str = "cpu"
     # (node name, one of NODE_FORMATS), sorted: overrides the planner for those nodes.
     node_formats: tuple[tuple[str, str], ...] = ()
+    # Only standard ONNX ops (no com.microsoft): dynamic MatMuls as DynamicQuantizeLinear ->
+    # MatMulInteger (ONNX Runtime fuses them back into its kernel), no blockwise MatMulNBits.
+    standard_ops: bool = False
 
     def __post_init__(self) -> None:
         _choice("--format", self.format, FORMATS)
@@ -59,6 +62,14 @@ class Int8Config:
             _choice(f"the format of node '{name}'", fmt, NODE_FORMATS)
         if self.node_formats and self.format != "auto":
             raise InputError("per-node formats need --format auto", hint="drop --format")
+        if self.standard_ops and self.format == "qoperator":
+            raise InputError(
+                "--standard-ops cannot write the QOperator form (QGemm and others are "
+                "com.microsoft ops)",
+                hint="use --format qdq or auto",
+            )
+        if self.standard_ops and any(f == "weight-only" for _, f in self.node_formats):
+            raise InputError("weight-only nodes are MatMulNBits, not a standard ONNX op")
         if self.weight_type == "uint8" and self.format == "dynamic":
             raise InputError("--dynamic needs --weight-type int8", hint="drop --weight-type")
 

@@ -166,10 +166,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
 
     `nodes`, when given, limits the rewrite to those node names; `importance` gives per
     node the E[x^2] of its input channels and their x x^T sums (pair-safe rounding). `fused`
-    picks ORT's
-    DynamicQuantizeMatMul (ORT only) over the standard-ONNX MatMulInteger form, which ORT's
-    optimizer fuses into the same kernel anyway; the tests use the latter as the unfused
-    reference for sibling fusion.
+    picks ORT's DynamicQuantizeMatMul (a com.microsoft op; siblings fused into one) over the
+    standard ONNX DynamicQuantizeLinear -> MatMulInteger form (`convert --standard-ops`),
+    which ORT's optimizer fuses into the same kernel.
     """
 
     def __init__(

@@ -78,7 +78,8 @@ def quantize_int8(
         inputs = {n.name: n.inputs[0].name for n in model.graph if n.name in names and n.inputs}
         scales = _smooth(model, plan, table, names) if plan.smooth_inputs else {}
         importance = _input_importance(inputs, plan, table, scales) if table else {}
-        DynamicQuantizePass(_dynamic_weights(config), nodes=names, importance=importance)(model)
+        fused = not config.standard_ops
+        DynamicQuantizePass(_dynamic_weights(config), fused, names, importance)(model)
     if plan.blockwise:
         from quantcli.quantize.int8.blockwise import BlockwiseInt8Pass
 
@@ -215,7 +216,7 @@ def _dynamic(model: ir.Model, plan: Plan, config: Int8Config) -> Int8Result:
             "nothing to quantize dynamically: no MatMul/Gemm with a constant weight",
             hint="use static quantization (--data) for convolutional models",
         )
-    DynamicQuantizePass(_dynamic_weights(config), nodes=frozenset(names))(model)
+    DynamicQuantizePass(_dynamic_weights(config), not config.standard_ops, frozenset(names))(model)
     RemoveUnusedNodesPass()(model)
     return _result(model, plan, config)
 

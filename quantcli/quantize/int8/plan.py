@@ -209,7 +209,9 @@ class _Planner:
         chosen = self.config.node_format(node.name or "")
         if chosen is not None or not self._weight_matmul_in_auto(node):
             return chosen == "dynamic" and self._weight_matmul_in_auto(node)
-        return self.config.smooth or not _after_outlier_activation(node)
+        if self.config.smooth or self.config.standard_ops:  # MatMulNBits is not standard
+            return True
+        return not _after_outlier_activation(node)
 
     def _goes_blockwise(self, node: ir.Node) -> bool:
         """...or, without smoothing, those after outlier activations are blockwise int8."""
