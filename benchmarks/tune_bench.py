@@ -70,19 +70,164 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "best_budget": doc["best"]["score"]["gates"] if doc["best"] else None,
     }
     if out.exists():
-        data = dict(np.load(f.eval))
-        sessions = {"float": open_session(f.model, 1), "tuned": open_session(out, 1)}
-        ref = outputs(sessions["float"], data, spec.task)
-        entry["metrics"] = METRICS[spec.task](
-            ref, outputs(sessions["tuned"], data, spec.task), data
-        )
-        names = [i.name for i in sessions["float"].get_inputs()]
-        lat = latency(sessions, workloads(spec.task, data, names), args.rounds)
-        lat.pop("_reps", None)
-        entry["latency"] = lat
-        entry["size_ratio"] = out.stat().st_size / f.model.stat().st_size
+        entry |= measured(out, f, spec, args)
     log(f"  {name}: {json.dumps(entry.get('search'))} {entry.get('metrics')}")
+    if args.nncf_python and Path(args.nncf_python).exists():
+        entry["nncf"] = nncf(name, f, spec, args)
     return entry
+
+
+def nncf(name: str, f: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """NNCF's quantize_with_accuracy_control on the same model, data and budget."""
+    out = args.cache / "out" / name / "nncf" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.iterdir():
+        old.unlink()
+    tool = str(Path(__file__).with_name("nncf_tool.py"))
+    cmd = [args.nncf_python, tool, str(f.model), str(f.calib), str(f.eval), str(out), spec.task]
+    log(f"{name}: nncf")
+    stdout = out.parent / "nncf.json"
+    r = run_tool(cmd, args.time_budget + 1800, args.max_rss_gb, stdout=stdout)
+    entry: dict[str, Any] = {"run": r}
+    lines = stdout.read_text().strip().splitlines() if stdout.exists() else []
+    if lines and lines[-1].startswith("{"):
+        entry["search"] = json.loads(lines[-1])
+    if r["ok"] and out.exists():
+        entry |= measured(out, f, spec, args)
+    log(f"  {name} nncf: {entry.get('search')} {entry.get('metrics')}")
+    return entry
+
+
+def measured(model: Path, f: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Task metrics on the evaluation set and latency interleaved with float, as run.py."""
+    data = dict(np.load(f.eval))
+    sessions = {"float": open_session(f.model, 1), "quant": open_session(model, 1)}
+    ref = outputs(sessions["float"], data, spec.task)
+    metrics = METRICS[spec.task](ref, outputs(sessions["quant"], data, spec.task), data)
+    if spec.task == "lm":
+        metrics["perplexity_float"] = METRICS["lm"](ref, ref, data)["perplexity"]
+        metrics["perplexity_ratio"] = metrics["perplexity"] / metrics["perplexity_float"]
+    names = [i.name for i in sessions["float"].get_inputs()]
+    lat = latency(sessions, workloads(spec.task, data, names), args.rounds)
+    lat.pop("_reps", None)
+    size = model.stat().st_size / f.model.stat().st_size
+    return {"metrics": metrics, "latency": lat, "size_ratio": size}
+
+
+# ------------------------------------------------------------------ rendering
+
+# task -> (what the budget reads, is it met)
+MET = {
+    "imagenet": ("top-1 agreement >= 0.97", lambda m: m["top1_agreement"] >= 0.97),
+    "embedding": ("mean cosine >= 0.999", lambda m: m["mean_cosine"] >= 0.999),
+    "lm": ("perplexity <= 1.03x float", lambda m: m["perplexity_ratio"] <= 1.03),
+}
+
+
+def _accuracy(task: str, m: dict[str, float]) -> str:
+    if task == "imagenet":
+        return f"top-1 agr. {m['top1_agreement']:.3f}"
+    if task == "embedding":
+        return f"cosine {m['mean_cosine']:.4f}, NN agr. {m['nn_agreement']:.3f}"
+    return f"ppl {m['perplexity']:.2f} ({m['perplexity_ratio']:.3f}x)"
+
+
+def _speed(lat: dict[str, Any]) -> str:
+    return ", ".join(f"{1 / v['ratio_to_float']:.2f}x {k}" for k, v in lat.items() if k != "float")
+
+
+def _row(model: str, task: str, tool: str, e: dict[str, Any], cost: str) -> str:
+    if "metrics" not in e:
+        why = e.get("run", {}).get("error") or "no model written"
+        return f"| {model} | {tool} | no | {why} | | | {cost} |"
+    met = "yes" if MET[task][1](e["metrics"]) else "**no**"
+    lat = {k: v for k, v in e["latency"].items() if k != "float"}
+    speed = _speed(lat)
+    return (
+        f"| {model} | {tool} | {met} | {_accuracy(task, e['metrics'])} | {speed} "
+        f"| {e['size_ratio']:.2f} | {cost} |"
+    )
+
+
+def _ort_best(ort: dict[str, Any], name: str, task: str) -> tuple[str, dict[str, Any]] | None:
+    entry = ort.get("models", {}).get(name)
+    if not entry:
+        return None
+    found = [
+        (k, c) for k, c in entry["contenders"].items() if k.startswith("ort") and "metrics" in c
+    ]
+    key = {"imagenet": "top1_agreement", "embedding": "mean_cosine", "lm": "perplexity"}[task]
+    pick = (min if task == "lm" else max)(found, key=lambda kc: kc[1]["metrics"][key], default=None)
+    if pick is None:
+        return None
+    k, c = pick
+    metrics = dict(c["metrics"])
+    if task == "lm":
+        metrics["perplexity_ratio"] = (
+            metrics["perplexity"] / entry["contenders"]["float"]["metrics"]["perplexity"]
+        )
+    return k, {
+        "metrics": metrics,
+        "latency": c["latency"],
+        "size_ratio": c["size_bytes"] / entry["contenders"]["float"]["size_bytes"],
+    }
+
+
+def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> str:
+    meta = res["meta"]
+    code = meta.get("code", {})
+    lines = [
+        f"Measured on `{meta.get('host_kind', '?')}` ({meta['machine']['cpu']}, "
+        f"{meta['machine']['cores']} cores), quantcli at {str(code.get('commit', '?'))[:10]}, "
+        f"{meta['date']}: `{meta['command'].split('/')[-1]}`. Each search runs as the CLI in "
+        "its own process (`--threads 1`, `--time-budget` as shown); the winner, NNCF's "
+        "model and ONNX Runtime's best are then measured alike: task metrics on the "
+        "evaluation set, latency as the median of interleaved runs against float "
+        "(speed = float time / model time). "
+        + (
+            f"ONNX Runtime's best is from `{ort_path}` (commit "
+            f"{str(ort['meta'].get('code', {}).get('commit', '?'))[:10]})."
+            if ort
+            else ""
+        ),
+        "",
+        "| model | tool | budget met | accuracy | speed vs float | size vs float | search cost |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in res["models"].items():
+        spec = SPECS[name]
+        s = e.get("search", {})
+        run = e.get("run", {})
+        cost = (
+            f"{s.get('trials', '?')} trials ({s.get('full_set_evaluations', '?')} full, "
+            f"{s.get('subset_evaluations', '?')} subset), {run.get('wall_s', 0) / 60:.1f} min, "
+            f"{run.get('peak_rss_mb', 0):.0f} MB"
+        )
+        title = f"{spec.title} ({MET[spec.task][0]})"
+        lines.append(_row(title, spec.task, "quantcli tune", e, cost))
+        n = e.get("nncf")
+        if n:
+            ns = n.get("search", {})
+            nrun = n.get("run", {})
+            ncost = (
+                f"{ns.get('validations', '?')} validations, {nrun.get('wall_s', 0) / 60:.1f} "
+                f"min, {nrun.get('peak_rss_mb', 0):.0f} MB"
+            )
+            lines.append(
+                _row(title, spec.task, f"NNCF {ns.get('nncf', '')} accuracy control", n, ncost)
+            )
+        best = _ort_best(ort, name, spec.task) if ort else None
+        if best:
+            lines.append(
+                _row(
+                    title,
+                    spec.task,
+                    f"ONNX Runtime best (`{best[0]}`)",
+                    best[1],
+                    "settings tried by hand",
+                )
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _count(formats: dict[str, str]) -> dict[str, int]:
@@ -100,8 +245,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--max-rss-gb", type=float, default=14)
     ap.add_argument("--allow-dirty", action="store_true")
+    ap.add_argument(
+        "--nncf-python",
+        default="/work/venv-nncf/bin/python",
+        help="python of a venv with nncf (skipped if missing)",
+    )
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--render", type=Path, help="a tune results file: write docs/tune.md's table")
+    ap.add_argument(
+        "--ort", type=Path, help="run.py results of the same host (ONNX Runtime's best)"
+    )
     args = ap.parse_args()
+    if args.render:
+        from readme import replace_block
+
+        ort = json.loads(args.ort.read_text()) if args.ort else None
+        table = render(json.loads(args.render.read_text()), ort, str(args.ort or ""))
+        doc = REPO / "docs" / "tune.md"
+        doc.write_text(replace_block(doc.read_text(), "tune-results", table))
+        return
     args.cache = args.cache.expanduser()
     kind, _ = host_kind()
     args.out = args.out or REPO / "benchmarks" / "results" / f"tune-{kind}.json"
