@@ -51,7 +51,7 @@ def tune(
     ] = None,
     max_trials: Annotated[
         int, typer.Option("--max-trials", min=1, help="Candidates to build and score, at most.")
-    ] = 60,
+    ] = 200,
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", min=1, help="Seconds for the search.")
     ] = None,

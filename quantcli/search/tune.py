@@ -51,7 +51,7 @@ Progress = Callable[[str, int, int, float | None], None]  # stage, trials, max, 
 @dataclass(frozen=True)
 class TuneConfig:
     gates: GateSpec  # the accuracy budget (min-speedup, if set, must hold too)
-    max_trials: int = 60
+    max_trials: int = 200
     time_budget: float | None = None  # seconds for the whole search
     rank_samples: int = 64  # the worst samples used to rank moves
     base: Int8Config = field(default_factory=Int8Config)
@@ -138,6 +138,7 @@ class _Search:
         self.model, self.config, self.evaluator, self.calib = model, config, evaluator, calib
         self.remote = remote
         self.remote_trials = 0  # ranking trials scored on the cluster
+        self.winner: Trial | None = None  # set by the speed pass
         self.table: CalibrationTable = table
         self.space: Space = space
         self.workdir, self.state, self.progress = workdir, state, progress
@@ -282,8 +283,10 @@ class _Search:
         return wanted is None or speedup >= wanted
 
     def best(self) -> Trial | None:
-        """The fastest passing trial; earlier ones win ties (the search keeps a move only
-        when it is SPEED_MARGIN faster, so noise does not pick the winner)."""
+        """The search's pick once it has one (the speed pass sets it), else the fastest
+        passing trial; earlier ones win ties within SPEED_MARGIN (latency is noisy)."""
+        if self.winner is not None:
+            return self.winner
         best = None
         for t in self.trials:
             if not t.passed or t.subset or t.speedup is None:
@@ -307,6 +310,9 @@ class _Search:
             order = self.rank(current, subset)
             if not order:
                 break
+            current = self.prefixes(current, order)
+            if current.passed:
+                return current
             for index in order:
                 if self.out_of_budget():
                     return current
@@ -314,40 +320,82 @@ class _Search:
                 if moved is None:
                     continue
                 trial = self.trial("greedy", moved)
-                if _error(trial) < _error(current) or trial.passed:
+                if trial.passed or _closer(trial, current):
                     current = trial  # kept; otherwise the move is undone
                 if current.passed:
                     return current
         return current
 
+    def prefixes(self, current: Trial, order: list[int]) -> Trial:
+        """The best-ranked 1, 2, 4, ... groups moved together, until the budget holds: a
+        fitting candidate in a few full-set checks (the speed pass then hands back what was
+        not needed). Returns the first that fits, else the closest."""
+        sizes, count, best = [], 1, current
+        while count < len(order):
+            sizes.append(count)
+            count *= 2
+        for count in [*sizes, len(order)]:
+            if self.out_of_budget():
+                break
+            moved = current.assignment
+            for index in order[:count]:
+                moved = self.space.step(moved, index) or moved
+            trial = self.trial("greedy", moved)
+            if trial.passed:
+                return trial
+            if _closer(trial, best):
+                best = trial
+        return best
+
     def rank(self, current: Trial, subset: list[int]) -> list[int]:
-        """Groups by how much one rung towards float helps on the worst samples."""
+        """Groups by how much one rung towards float helps on the worst samples: by the
+        rise of the output SQNR there (continuous, where a top-1 count on 64 samples is
+        coarse), then by the budget's own shortfall; moves that hurt the budget are out."""
         base = self.trial("rank", current.assignment, subset)
         moves = [(i, self.space.step(current.assignment, i)) for i in range(len(self.space.groups))]
         moves = [(i, m) for i, m in moves if m is not None]
         scored = self.ranking_trials([m for _, m in moves], subset)
-        gains = [
-            (_error(base) - _error(trial), i)
-            for (i, _), trial in zip(moves, scored, strict=True)
-            if trial is not None
-        ]
-        return [i for gain, i in sorted(gains, key=lambda g: (-g[0], g[1])) if gain > 0]
+        gains = []
+        for (i, _), trial in zip(moves, scored, strict=True):
+            if trial is None:
+                continue
+            err_gain = _error(base) - _error(trial)
+            sqnr_gain = _sqnr(trial) - _sqnr(base)
+            if err_gain > 0 or (err_gain == 0 and sqnr_gain > 0):
+                gains.append((sqnr_gain, err_gain, i))
+        return [i for _, _, i in sorted(gains, key=lambda g: (-g[0], -g[1], g[2]))]
 
     def speed_pass(self) -> None:
-        """One rung either way per group, kept when the budget holds and it is faster:
-        back towards int8 (a float island costs Q/DQ and layout changes), or towards float
-        (an int8 kernel slower than float, as on tiny layers)."""
+        """One rung either way per group from the fastest fitting candidate. Back towards
+        int8 is kept when the budget holds and it is not slower (int8 is the smaller
+        model, and a float island costs Q/DQ and layout changes); towards float only when
+        the budget holds and it is SPEED_MARGIN faster (an int8 kernel slower than float,
+        as on tiny layers)."""
         best = self.best()
         for index in range(len(self.space.groups)):
             for by in (-1, 1):
                 if best is None or self.out_of_budget():
+                    self.winner = best
                     return
                 moved = self.space.step(best.assignment, index, by=by)
                 if moved is None:
                     continue
                 trial = self.trial("speed", moved)
-                if trial.passed and (trial.speedup or 0) > (best.speedup or 0) * SPEED_MARGIN:
+                need = (best.speedup or 0) * (SPEED_MARGIN if by > 0 else 1 / SPEED_MARGIN)
+                if trial.passed and (trial.speedup or 0) >= need:
                     best = trial
+        self.winner = best
+
+
+def _sqnr(trial: Trial) -> float:
+    value = trial.score["summary"].get("sqnr_db_min")
+    return float("-inf") if value is None else float(value)
+
+
+def _closer(trial: Trial, than: Trial) -> bool:
+    """Nearer the budget; on a tie of the budget (a coarse count), the higher SQNR."""
+    a, b = _error(trial), _error(than)
+    return a < b or (a == b and _sqnr(trial) > _sqnr(than))
 
 
 def _error(trial: Trial) -> float:
