@@ -45,6 +45,11 @@ from quantcli.search.evaluator import Evaluator, Score
 from quantcli.search.space import Assignment, Space, build_space
 
 SPEED_MARGIN = 1.02  # a move must be this much faster to count: latency is noisy
+# Speed pass: a group handed back to int8 is kept unless clearly slower (within this
+# factor: a noisy timing must not keep a float island), one moved to float only if
+# clearly faster.
+BACK_TO_INT8 = 0.9
+TO_FLOAT = 1.05
 Progress = Callable[[str, int, int, float | None], None]  # stage, trials, max, best speedup
 
 
@@ -327,25 +332,40 @@ class _Search:
         return current
 
     def prefixes(self, current: Trial, order: list[int]) -> Trial:
-        """The best-ranked 1, 2, 4, ... groups moved together, until the budget holds: a
-        fitting candidate in a few full-set checks (the speed pass then hands back what was
-        not needed). Returns the first that fits, else the closest."""
-        sizes, count, best = [], 1, current
-        while count < len(order):
-            sizes.append(count)
-            count *= 2
-        for count in [*sizes, len(order)]:
-            if self.out_of_budget():
-                break
-            moved = current.assignment
+        """The best-ranked 1, 2, 4, ... groups moved together until the budget holds, then
+        a bisection down to the fewest that hold it: a fitting candidate in a few full-set
+        checks, with no more float groups than the ranking needs (the speed pass then tries
+        handing back each). Returns the fitting one, else the closest."""
+
+        def moved(count: int) -> Trial:
+            assignment = current.assignment
             for index in order[:count]:
-                moved = self.space.step(moved, index) or moved
-            trial = self.trial("greedy", moved)
+                assignment = self.space.step(assignment, index) or assignment
+            return self.trial("greedy", assignment)
+
+        low, best, fit = 0, current, None  # `low` groups moved: known not to fit
+        count = 1
+        while not self.out_of_budget():
+            trial = moved(count)
             if trial.passed:
-                return trial
+                fit = (count, trial)
+                break
             if _closer(trial, best):
                 best = trial
-        return best
+            if count == len(order):
+                return best
+            low, count = count, min(2 * count, len(order))
+        if fit is None:
+            return best
+        high, winner = fit
+        while high - low > 1 and not self.out_of_budget():
+            middle = (low + high) // 2
+            trial = moved(middle)
+            if trial.passed:
+                high, winner = middle, trial
+            else:
+                low = middle
+        return winner
 
     def rank(self, current: Trial, subset: list[int]) -> list[int]:
         """Groups by how much one rung towards float helps on the worst samples: by the
@@ -367,10 +387,10 @@ class _Search:
 
     def speed_pass(self) -> None:
         """One rung either way per group from the fastest fitting candidate. Back towards
-        int8 is kept when the budget holds and it is not slower (int8 is the smaller
-        model, and a float island costs Q/DQ and layout changes); towards float only when
-        the budget holds and it is SPEED_MARGIN faster (an int8 kernel slower than float,
-        as on tiny layers)."""
+        int8 is kept when the budget holds and it is not clearly slower (int8 is the
+        smaller model, and a float island costs Q/DQ and layout changes); towards float
+        only when the budget holds and it is clearly faster (an int8 kernel slower than
+        float, as on tiny layers)."""
         best = self.best()
         for index in range(len(self.space.groups)):
             for by in (-1, 1):
@@ -381,7 +401,7 @@ class _Search:
                 if moved is None:
                     continue
                 trial = self.trial("speed", moved)
-                need = (best.speedup or 0) * (SPEED_MARGIN if by > 0 else 1 / SPEED_MARGIN)
+                need = (best.speedup or 0) * (TO_FLOAT if by > 0 else BACK_TO_INT8)
                 if trial.passed and (trial.speedup or 0) >= need:
                     best = trial
         self.winner = best
