@@ -84,7 +84,8 @@ def tune(
     from quantcli.evaluate.gates import GateSpec, parse_metric_gate
     from quantcli.evaluate.result import CompareConfig
     from quantcli.quantize.int8.config import Int8Config
-    from quantcli.search.tune import TuneConfig, raise_if_not_found, tune_file
+    from quantcli.search.trials import raise_if_not_found
+    from quantcli.search.tune import TuneConfig, tune_file
 
     gates = GateSpec(
         max_drop=max_drop,

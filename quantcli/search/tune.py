@@ -31,7 +31,7 @@ from quantcli.calibrate.runner import calibrate_model
 from quantcli.calibrate.table import CalibrationTable, model_fingerprint
 from quantcli.calibration import calibrate_file
 from quantcli.data import WithLabels, open_data
-from quantcli.errors import GateFailed, InputError
+from quantcli.errors import InputError
 from quantcli.evaluate.gates import GateSpec, check_gates_possible
 from quantcli.evaluate.result import CompareConfig
 from quantcli.graph.io import check_model_path, check_output_path, load_model, save_model
@@ -43,6 +43,14 @@ from quantcli.quantize.int8.recipe import Recipe
 from quantcli.quantize.math.affine import reusing_weights
 from quantcli.search.evaluator import Evaluator, Score
 from quantcli.search.space import Assignment, Space, build_space
+from quantcli.search.trials import (
+    Trial,
+    TuneResult,
+    closer,
+    held_back,
+    shortfall,
+    sqnr,
+)
 
 SPEED_MARGIN = 1.02  # a move must be this much faster to count: latency is noisy
 # Speed pass: a group handed back to int8 is kept unless clearly slower (within this
@@ -73,62 +81,6 @@ class TuneConfig:
             raise InputError("--max-trials and --rank-samples must be at least 1")
         if self.base.format != "auto" or self.base.node_formats:
             raise InputError("tune searches the auto format", hint="drop --format")
-
-
-@dataclass
-class Trial:
-    stage: str  # default | rank | greedy | speed
-    assignment: Assignment
-    formats: dict[str, str]
-    score: dict[str, Any]
-    passed: bool
-    subset: bool
-    speedup: float | None = None
-    quant_ms: float | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "assignment": list(self.assignment),
-            "formats": self.formats,
-            "score": self.score,
-            "passed": self.passed,
-            "subset": self.subset,
-            "speedup": self.speedup,
-            "quant_ms": self.quant_ms,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass
-class TuneResult:
-    found: bool
-    best: Trial | None
-    trials: list[Trial]
-    space: Space
-    output: Path | None
-    recipe: Path | None
-    stopped: str  # why the search ended
-    held_back: list[str]
-    cluster: dict[str, Any] | None = None  # with --ray: the cluster and the trials it ran
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": "quantcli.tune/1",
-            "found": self.found,
-            "output": str(self.output) if self.output else None,
-            "recipe": str(self.recipe) if self.recipe else None,
-            "stopped": self.stopped,
-            "best": self.best.to_dict() if self.best else None,
-            "held_back": self.held_back,
-            "cluster": self.cluster,
-            "groups": [
-                {"name": g.name, "nodes": list(g.nodes), "ladder": list(g.ladder)}
-                for g in self.space.groups
-            ],
-            "trials": [t.to_dict() for t in self.trials],
-        }
 
 
 # Scores ranking candidates elsewhere (search/remote.py, on a Ray cluster): given the shared
@@ -325,7 +277,7 @@ class _Search:
                 if moved is None:
                     continue
                 trial = self.trial("greedy", moved)
-                if trial.passed or _closer(trial, current):
+                if trial.passed or closer(trial, current):
                     current = trial  # kept; otherwise the move is undone
                 if current.passed:
                     return current
@@ -350,7 +302,7 @@ class _Search:
             if trial.passed:
                 fit = (count, trial)
                 break
-            if _closer(trial, best):
+            if closer(trial, best):
                 best = trial
             if count == len(order):
                 return best
@@ -379,8 +331,8 @@ class _Search:
         for (i, _), trial in zip(moves, scored, strict=True):
             if trial is None:
                 continue
-            err_gain = _error(base) - _error(trial)
-            sqnr_gain = _sqnr(trial) - _sqnr(base)
+            err_gain = shortfall(base) - shortfall(trial)
+            sqnr_gain = sqnr(trial) - sqnr(base)
             if err_gain > 0 or (err_gain == 0 and sqnr_gain > 0):
                 gains.append((sqnr_gain, err_gain, i))
         return [i for _, _, i in sorted(gains, key=lambda g: (-g[0], -g[1], g[2]))]
@@ -405,29 +357,6 @@ class _Search:
                 if trial.passed and (trial.speedup or 0) >= need:
                     best = trial
         self.winner = best
-
-
-def _sqnr(trial: Trial) -> float:
-    value = trial.score["summary"].get("sqnr_db_min")
-    return float("-inf") if value is None else float(value)
-
-
-def _closer(trial: Trial, than: Trial) -> bool:
-    """Nearer the budget; on a tie of the budget (a coarse count), the higher SQNR."""
-    a, b = _error(trial), _error(than)
-    return a < b or (a == b and _sqnr(trial) > _sqnr(than))
-
-
-def _error(trial: Trial) -> float:
-    """How far a trial is from its budget: the sum of relative gate shortfalls (0: met)."""
-    total = 0.0
-    for gate in trial.score["gates"]:
-        value, threshold = gate["value"], gate["threshold"]
-        if value is None:
-            total += 1e9
-        elif not gate["passed"]:
-            total += abs(value - threshold) / max(abs(threshold), 1e-9)
-    return total
 
 
 def tune_file(
@@ -495,10 +424,10 @@ def tune_file(
     result = TuneResult(found, best, search.trials, space, None, None, search.stopped, [])
     if where is not None:
         result.cluster = where | {"ranking_trials": search.remote_trials}
-    pick = best or min((t for t in search.trials if not t.subset), key=_error, default=None)
+    pick = best or min((t for t in search.trials if not t.subset), key=shortfall, default=None)
     if not found:
         result.best = pick
-        result.held_back = _held_back(pick)
+        result.held_back = held_back(pick)
     if pick is not None and (found or write_best):
         recipe = Recipe(
             model_fingerprint(Path(model_path)),
@@ -523,19 +452,3 @@ def _activation_inputs(model: Any) -> dict[str, str]:
         for node in model.graph
         if node.inputs and node.inputs[0] is not None
     }
-
-
-def _held_back(trial: Trial | None) -> list[str]:
-    if trial is None:
-        return ["no candidate could be evaluated"]
-    return [
-        f"{g['name']}: {g['value']} vs {g['threshold']}"
-        for g in trial.score["gates"]
-        if not g["passed"]
-    ] or ["latency: slower than --min-speedup"]
-
-
-def raise_if_not_found(result: TuneResult) -> None:
-    if not result.found:
-        why = "; ".join(result.held_back)
-        raise GateFailed(f"no candidate met the budget ({result.stopped}): {why}")
