@@ -141,7 +141,7 @@ def _row(model: str, task: str, tool: str, e: dict[str, Any], cost: str) -> str:
         why = e.get("run", {}).get("error") or "no model written"
         return f"| {model} | {tool} | no | {why} | | | {cost} |"
     met = "yes" if MET[task][1](e["metrics"]) else "**no**"
-    lat = {k: v for k, v in e["latency"].items() if k != "float"}
+    lat = e["latency"].get("quant", e["latency"])  # ours: per model; run.py's: per workload
     speed = _speed(lat)
     return (
         f"| {model} | {tool} | {met} | {_accuracy(task, e['metrics'])} | {speed} "
@@ -180,7 +180,7 @@ def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> st
         f"Measured on `{meta.get('host_kind', '?')}` ({meta['machine']['cpu']}, "
         f"{meta['machine']['cores']} cores), quantcli at {str(code.get('commit', '?'))[:10]}, "
         f"{meta['date']}: `{meta['command'].split('/')[-1]}`. Each search runs as the CLI in "
-        "its own process (`--threads 1`, `--time-budget` as shown); the winner, NNCF's "
+        "its own process (the commands are below the table); the winner, NNCF's "
         "model and ONNX Runtime's best are then measured alike: task metrics on the "
         "evaluation set, latency as the median of interleaved runs against float "
         "(speed = float time / model time). "
@@ -227,6 +227,10 @@ def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> st
                     "settings tried by hand",
                 )
             )
+    lines += ["", "Commands (paths shortened):", ""]
+    for name, e in res["models"].items():
+        command = e.get("command", "").replace(str(Path.home()), "~")
+        lines.append(f"- {name}: `{command}`")
     return "\n".join(lines) + "\n"
 
 
