@@ -39,9 +39,10 @@ def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
 
 
 def items(npz: str, names: list[str]) -> list[tuple[int, dict[str, np.ndarray]]]:
-    data = np.load(npz)
-    n = len(data[names[0]])
-    return [(i, {k: data[k][i : i + 1] for k in names}) for i in range(n)]
+    with np.load(npz) as data:  # each data[k] reads the whole array: once per key
+        arrays = {k: data[k] for k in names}
+    n = len(arrays[names[0]])
+    return [(i, {k: a[i : i + 1] for k, a in arrays.items()}) for i in range(n)]
 
 
 def per_sample(task: str, ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> float:
