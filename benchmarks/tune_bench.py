@@ -255,6 +255,11 @@ def main() -> None:
         help="python of a venv with nncf (skipped if missing)",
     )
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--nncf-only",
+        action="store_true",
+        help="rerun only NNCF into an existing results file (its run is recorded apart)",
+    )
     ap.add_argument("--render", type=Path, help="a tune results file: write docs/tune.md's table")
     ap.add_argument(
         "--ort", type=Path, help="run.py results of the same host (ONNX Runtime's best)"
@@ -272,6 +277,17 @@ def main() -> None:
     kind, _ = host_kind()
     args.out = args.out or REPO / "benchmarks" / "results" / f"tune-{kind}.json"
     code = snapshot_code(args.allow_dirty)
+    if args.nncf_only:
+        res = json.loads(args.out.read_text())
+        res["meta"]["nncf_rerun"] = machine_info() | {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "code": code,
+        }
+        for name in args.models.split(","):
+            spec, f = SPECS[name], files(args.cache, name)
+            res["models"][name]["nncf"] = nncf(name, f, spec, args)
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+        return
     res: dict[str, Any] = {
         "meta": machine_info() | {"command": shlex.join([sys.executable, *sys.argv]), "code": code},
         "models": {},
