@@ -176,6 +176,13 @@ def _ort_best(ort: dict[str, Any], name: str, task: str) -> tuple[str, dict[str,
 def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> str:
     meta = res["meta"]
     code = meta.get("code", {})
+    rerun = meta.get("nncf_rerun")
+    nncf_note = (
+        f" NNCF's rows come from a rerun at {str(rerun['code'].get('commit', '?'))[:10]}, "
+        f"{rerun['date']}: `{rerun['command'].split('/')[-1]}`."
+        if rerun
+        else ""
+    )
     lines = [
         f"Measured on `{meta.get('host_kind', '?')}` ({meta['machine']['cpu']}, "
         f"{meta['machine']['cores']} cores), quantcli at {str(code.get('commit', '?'))[:10]}, "
@@ -189,7 +196,8 @@ def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> st
             f"{str(ort['meta'].get('code', {}).get('commit', '?'))[:10]})."
             if ort
             else ""
-        ),
+        )
+        + nncf_note,
         "",
         "| model | tool | budget met | accuracy | speed vs float | size vs float | search cost |",
         "|---|---|---|---|---|---|---|",
