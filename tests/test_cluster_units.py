@@ -167,6 +167,8 @@ def test_an_unreachable_cluster_is_one_line_and_writes_nothing(cli, tmp_path: Pa
     line = cli.fails("compare", s.model, s.model, "-d", s.eval, "--ray", f"127.0.0.1:{port}")
     assert "cannot reach the Ray cluster" in line
     tune = ["tune", s.model, "-d", s.calib, "--eval", s.eval, "--min-cosine", "0.9"]
+    plugin = [*tune, "--metric", "quantcli.evaluate.lm_metrics:Perplexity", "--ray", "local"]
+    assert "tune --ray does not ship them" in cli.fails(*plugin, "-o", tmp_path / "p.onnx")
     line = cli.fails(*tune, "-o", tmp_path / "t.onnx", "--ray", f"127.0.0.1:{port}")
     assert "cannot reach the Ray cluster" in line and not (tmp_path / "t.onnx").exists()
     assert "--ray-shards needs --ray" in cli.fails(

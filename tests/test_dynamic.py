@@ -190,3 +190,15 @@ def test_standard_ops_writes_only_onnx_domain_ops_with_the_same_arithmetic(cli, 
         "--format", "qoperator",
     )  # fmt: skip
     assert "--standard-ops cannot write the QOperator form" in line
+
+
+def test_standard_ops_upgrades_an_opset_10_model_rather_than_skip_it(cli, tmp_path) -> None:
+    """DynamicQuantizeLinear is opset 11: an opset-10 model is upgraded, never left float."""
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["y"])]
+    onnx.save(_model(nodes, ["batch", 16, 64], ["batch", 16, 32], [_w("w", (64, 32))], 10), src)
+    cli.ok("convert", src, "--dynamic", "--per-tensor", "--standard-ops", "-o", out)
+    model = onnx.load(out)
+    assert "MatMulInteger" in {n.op_type for n in model.graph.node}
+    assert "MatMul" not in {n.op_type for n in model.graph.node}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}

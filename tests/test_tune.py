@@ -145,7 +145,7 @@ def test_recipes_are_checked(cli: Cli, tmp_path: Path) -> None:
     )
     assert onnx.load(out) == proto  # the earlier output is untouched
     recipe.save(path)
-    for extra in (["--reduce-range"], ["--format", "qdq"], ["--standard-ops"]):
+    for extra in (["--reduce-range"], ["--format", "qdq"], ["--standard-ops"], ["--limit", "8"]):
         line = cli.fails(
             "convert", DIGITS.model, "--recipe", path, "-d", DIGITS.calib, "-o", out, "--force",
             *extra,

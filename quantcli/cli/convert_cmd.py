@@ -275,6 +275,9 @@ def _replay(o: dict[str, Any]) -> Any:
     given = _given(o, INT8_ONLY | INT4_ONLY, keep=("calibration", "preprocess", "recipe"))
     if o["format_"] is not None:
         given.append("--format")
+    given += [flag for key, flag in (("exclude", "--exclude"), ("limit", "--limit")) if o[key]]
+    if o["batch_size"] != 1:
+        given.append("--batch-size")
     if given:
         raise InputError(
             f"--recipe sets every conversion option; {'/'.join(given)} cannot change it",

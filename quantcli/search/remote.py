@@ -14,6 +14,7 @@ and its quantized weights across the trials of one search.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import time
@@ -61,6 +62,7 @@ def _worker_state(job: TrialJob) -> tuple[Evaluator, dict]:
         if job.labels is not None:
             data = WithLabels(data, job.labels)
         cache = Path(tempfile.mkdtemp(prefix="quantcli-tune-float-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)  # workers end with the job
         evaluator = Evaluator(Path(job.model), data, job.gates, job.compare, cache)
         _WORKER[job.job_id] = (evaluator, {}, cache)
     evaluator, weights, _ = _WORKER[job.job_id]
@@ -68,7 +70,10 @@ def _worker_state(job: TrialJob) -> tuple[Evaluator, dict]:
 
 
 def score_trial(
-    job: TrialJob, table: CalibrationTable, node_formats: dict[str, str], subset: list[int]
+    job: TrialJob,
+    table: CalibrationTable,
+    node_formats: tuple[tuple[str, str], ...],
+    subset: list[int],
 ) -> tuple[Score, float]:
     """Build one candidate and score it on `subset` (a Ray task; also callable directly)."""
     from quantcli.cluster.engine import on_node
@@ -76,7 +81,9 @@ def score_trial(
     from quantcli.graph.io import load_model, save_model
     from quantcli.quantize.int8.pipeline import quantize_int8
     from quantcli.quantize.math.affine import reusing_weights
+    from quantcli.runtime import set_default_threads
 
+    set_default_threads(job.compare.threads or 1)  # a task holds one CPU of its node
     start = time.monotonic()
     try:
         evaluator, weights = _worker_state(job)
@@ -111,7 +118,7 @@ def ray_scorer(
     )
 
     def score(
-        table: CalibrationTable, calls: list[tuple[dict[str, str], list[int]]]
+        table: CalibrationTable, calls: list[tuple[tuple[tuple[str, str], ...], list[int]]]
     ) -> Iterator[tuple[Score, float]]:
         ray = import_ray()
         shared = ray.put(table)  # once per batch, not once per task

@@ -3,6 +3,7 @@ the measures the search compares trials by."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class TuneResult:
 
 def sqnr(trial: Trial) -> float:
     value = trial.score["summary"].get("sqnr_db_min")
-    return float("-inf") if value is None else float(value)
+    return float(value) if value is not None and math.isfinite(value) else float("-inf")
 
 
 def closer(trial: Trial, than: Trial) -> bool:

@@ -5,10 +5,12 @@
    score the default conversion on the full evaluation set.
 2. If it misses the budget, rank the groups (space.py): each group moved one rung towards
    float alone, scored on the samples the default gets most wrong (NNCF's ranking idea).
-3. Greedy: apply the best-ranked moves one at a time, each checked on the full set and
-   undone if it did not help, until the budget holds; then try a second rung where needed.
-4. Speed pass: among budget-passing candidates latency decides; moves back towards int8
-   that keep the budget and are faster are kept (float islands cost Q/DQ and layout work).
+3. Greedy: the best-ranked 1, 2, 4, ... groups moved together until the budget holds, then
+   bisected to the fewest that hold it; failing that, the ranked moves one at a time, each
+   checked on the full set and undone if it did not help; then a second rung where needed.
+4. Speed pass: from the fastest fitting candidate, each group one rung back towards int8
+   (kept if the budget holds and it is not clearly slower than the fastest seen: float
+   islands cost Q/DQ and layout work) or towards float (kept only if clearly faster).
 
 Every trial is logged and the state saved after each, so an interrupted run resumes. The
 winner is written with a recipe that `convert --recipe` replays byte for byte.
@@ -85,7 +87,8 @@ class TuneConfig:
 
 # Scores ranking candidates elsewhere (search/remote.py, on a Ray cluster): given the shared
 # table and (node formats, subset) per candidate, yields (score, seconds) in that order.
-RemoteScorer = Callable[[CalibrationTable, list[tuple[dict[str, str], list[int]]]], Iterator]
+NodeFormats = tuple[tuple[str, str], ...]
+RemoteScorer = Callable[[CalibrationTable, list[tuple[NodeFormats, list[int]]]], Iterator]
 
 
 class _Search:
@@ -344,6 +347,7 @@ class _Search:
         only when the budget holds and it is clearly faster (an int8 kernel slower than
         float, as on tiny layers)."""
         best = self.best()
+        fastest = (best.speedup or 0) if best else 0  # the tolerance does not compound
         for index in range(len(self.space.groups)):
             for by in (-1, 1):
                 if best is None or self.out_of_budget():
@@ -353,9 +357,11 @@ class _Search:
                 if moved is None:
                     continue
                 trial = self.trial("speed", moved)
-                need = (best.speedup or 0) * (TO_FLOAT if by > 0 else BACK_TO_INT8)
-                if trial.passed and (trial.speedup or 0) >= need:
-                    best = trial
+                speed = trial.speedup or 0
+                need = (best.speedup or 0) * TO_FLOAT if by > 0 else fastest * BACK_TO_INT8
+                if trial.passed and speed >= need:
+                    best, fastest = trial, max(fastest, speed)
+                    break  # handed back: stepping the other way would just undo it
         self.winner = best
 
 
@@ -399,6 +405,11 @@ def tune_file(
     state = state_path or output.with_name(output.name + ".tune-state.json")
     with contextlib.ExitStack() as stack:
         remote, where = None, None
+        if cluster is not None and cfg.metric is not None:
+            raise InputError(
+                "--metric plugins run in one process; tune --ray does not ship them to workers",
+                hint="run tune without --ray for a custom metric",
+            )
         if cluster is not None:  # joined first: an unreachable cluster fails before any work
             from quantcli.cluster.engine import connect
             from quantcli.search.remote import ray_scorer

@@ -11,11 +11,14 @@ from quantcli.quantize.int8.plan import Plan, build_plan
 
 
 def needed_opset(model: ir.Model, config: Int8Config) -> int | None:
-    """Per-channel Q/DQ needs opset 13; float16 Q/DQ needs 19."""
+    """Per-channel Q/DQ needs opset 13; float16 Q/DQ needs 19; the standard dynamic form
+    (DynamicQuantizeLinear) 11."""
     has_fp16 = any(
         v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values()
     ) or any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.inputs)
     need = 19 if has_fp16 else (13 if config.per_channel else 10)
+    if config.standard_ops:  # DynamicQuantizeLinear is opset 11
+        need = max(need, 11)
     return need if default_opset(model) < need else None
 
 
