@@ -235,7 +235,17 @@ def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> st
                     "settings tried by hand",
                 )
             )
-    lines += ["", "Commands (paths shortened):", ""]
+    lines += [
+        "",
+        "The harness evaluates in batches (`measure.py` BATCH: 25 images, 50 paragraphs, 4 "
+        "text windows) while `tune` scores one sample per run (`compare`'s default "
+        "`--batch-size 1`). Dynamic int8 gives each run's activations one scale, so a "
+        "transformer's figures depend on how its samples are batched and can sit on either "
+        "side of a budget that `tune` met.",
+        "",
+        "Commands (paths shortened):",
+        "",
+    ]
     for name, e in res["models"].items():
         command = e.get("command", "").replace(str(Path.home()), "~")
         lines.append(f"- {name}: `{command}`")
