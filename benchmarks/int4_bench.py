@@ -216,10 +216,15 @@ def svg_chart(entry: dict[str, Any], title: str) -> str:
 
 def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
     meta = res["meta"]
+    commit = str(meta.get("code", {}).get("commit", meta["versions"].get("quantcli_git", "?")))
     lines = [
         f"Measured on {meta['host_kind']} ({meta['machine']['cpu']}, {meta['machine']['cores']} "
-        f"cores, onnxruntime {meta['versions']['onnxruntime']}), {meta['date']}, "
-        f"{meta['threads']} thread(s); reproduce with `{meta['command']}`.",
+        f"cores, onnxruntime {meta['versions']['onnxruntime']}), quantcli at {commit[:10]}, "
+        f"{meta['date']}, {meta['threads']} thread(s); reproduce with `{meta['command']}`. "
+        'Convert time and memory: "reused" marks ONNX Runtime files kept from an earlier '
+        "run (`--reuse`; the same onnxruntime), so they were not converted in this one; the "
+        "harness ran beside other benchmarks on this 2-core host, so convert times are "
+        "inflated.",
         "",
     ]
     for name, entry in res["models"].items():
@@ -260,7 +265,8 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
                     row.append(f"{1 / ratio:.2f}x ({rec['latency'][c]['median_ms']:.1f} ms)")
             else:
                 row += ["-"] * (2 + (entry["task"] == "lm") + len(calls))
-            row += [f"{conv.get('wall_s', '-')}", f"{conv.get('peak_rss_mb', '-')}"]
+            reused = "reused" if rec.get("reused") else "-"
+            row += [f"{conv.get('wall_s', reused)}", f"{conv.get('peak_rss_mb', reused)}"]
             lines.append("| " + " | ".join(str(c) for c in row) + " |")
         lines += [
             "",
