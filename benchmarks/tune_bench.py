@@ -68,6 +68,19 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "groups": len(doc["groups"]),
         "best_formats": _count(doc["best"]["formats"]) if doc["best"] else None,
         "best_budget": doc["best"]["score"]["gates"] if doc["best"] else None,
+        # every trial, compact: what the search spent its time on
+        "log": [
+            {
+                "stage": t["stage"],
+                "moved": sum(1 for rung in t["assignment"] if rung),
+                "subset": t["subset"],
+                "passed": t["passed"],
+                "speedup": t["speedup"],
+                "seconds": t["seconds"],
+                "gates": {g["name"]: g["value"] for g in t["score"]["gates"]},
+            }
+            for t in trials
+        ],
     }
     if out.exists():
         entry |= measured(out, f, spec, args)
