@@ -335,6 +335,15 @@ def render(results: list[dict[str, Any]], tune: dict[str, Any] | None) -> str:
         f"per host kind ({kinds}): int8 accuracy and speed depend on the CPU's int8 kernels "
         "(docs/int8.md, accurate on every CPU). How to reproduce: `benchmarks/README.md`.",
         "",
+        "Other measurements, each with its own results file and page: INT4 against ONNX "
+        "Runtime's MatMulNBits quantizer (`benchmarks/int4_bench.py`, "
+        "`results/int4-<host kind>.json`, docs/int4.md); `quantcli tune` against NNCF's "
+        "accuracy control and ONNX Runtime's best (`benchmarks/tune_bench.py`, "
+        "`results/tune-<host kind>.json`, docs/tune.md); calibration methods and bias "
+        "correction (`run.py --only ...`, `results/methods-<host kind>.json`, "
+        "docs/calibration.md); the Ray cluster (`benchmarks/cluster.py`, "
+        "`results/cluster-<host kind>.json`, docs/cluster.md).",
+        "",
     ]
     for res in results:
         lines += section(res)
