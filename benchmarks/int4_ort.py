@@ -15,29 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
+from ort_tool import NpzReader
 
 
-class Reader:
-    """One sample at a time from a .npz whose keys are the model's input names."""
+class Reader(NpzReader):
+    """ort_tool's reader, iterable as ORT's GPTQ wants it."""
 
-    def __init__(self, model: str, npz: str, limit: int | None) -> None:
-        names = [i.name for i in onnx.load(model, load_external_data=False).graph.input]
-        data = np.load(npz)
-        self.arrays = {n: data[n] for n in names}
-        total = len(next(iter(self.arrays.values())))
-        self.count = min(total, limit) if limit else total
-        self.pos = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.pos >= self.count:
-            return None
-        i, self.pos = self.pos, self.pos + 1
-        return {n: a[i : i + 1] for n, a in self.arrays.items()}
-
-    def rewind(self) -> None:
-        self.pos = 0
+    def __len__(self) -> int:  # the base class raises NotImplementedError
+        return self.count
 
     def __iter__(self):
         self.rewind()

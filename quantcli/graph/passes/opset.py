@@ -21,17 +21,25 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if default_opset(model) >= self.minimum:  # a functional pass returns a new model
             return ir.passes.PassResult(model.clone(), modified=False)
-        proto = ir.to_proto(model)
-        try:
-            converted = version_converter.convert_version(proto, self.minimum)
-        except Exception as exc:  # the converter raises bare RuntimeErrors
-            raise ModelError(
-                f"cannot upgrade the model from opset {default_opset(model)} to "
-                f"{self.minimum} (needed for per-channel quantization): {exc}",
-                hint="re-export at opset 13 or newer, or pass --per-tensor",
-            ) from exc
-        # The converter keeps the IR version; opset 13 needs IR 7, opset 21 (int4) IR 10.
-        needed = onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True)
-        converted.ir_version = max(converted.ir_version, needed)
+        converted = convert_opset(
+            ir.to_proto(model),
+            self.minimum,
+            f"from opset {default_opset(model)} to {self.minimum} "
+            "(needed for per-channel quantization)",
+            "re-export at opset 13 or newer, or pass --per-tensor",
+        )
         onnx.checker.check_model(converted)
         return ir.passes.PassResult(ir.from_proto(converted), modified=True)
+
+
+def convert_opset(proto: onnx.ModelProto, target: int, what: str, hint: str) -> onnx.ModelProto:
+    """ONNX's version converter, its errors as one ModelError (`what`: "from opset X to Y
+    (needed for ...)"), and the IR version it leaves behind raised to what the opset needs
+    (opset 13 needs IR 7, opset 21 IR 10)."""
+    try:
+        converted = version_converter.convert_version(proto, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise ModelError(f"cannot upgrade the model {what}: {exc}", hint=hint) from exc
+    needed = onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True)
+    converted.ir_version = max(converted.ir_version, needed)
+    return converted

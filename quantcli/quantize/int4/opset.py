@@ -8,12 +8,9 @@ nobody reads; the converted graph then gets the original tensors back by name.
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
-from onnx import version_converter
 
-from quantcli.errors import ModelError
-from quantcli.graph.passes.opset import default_opset
+from quantcli.graph.passes.opset import convert_opset, default_opset
 
 _PLACEHOLDER = "quantcli-weights-kept-aside"
 _SMALL = 1024  # bytes: smaller tensors travel with the graph (the converter may read them)
@@ -40,17 +37,13 @@ def upgrade_opset_light(model: ir.Model, target: int) -> ir.Model:
     finally:
         for name, tensor in kept.items():
             model.graph.initializers[name].const_value = tensor
-    try:
-        converted = version_converter.convert_version(proto, target)
-    except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise ModelError(
-            f"cannot upgrade the model from opset {default_opset(model)} to {target} "
-            f"(needed for INT4 DequantizeLinear): {exc}",
-            hint="re-export at opset 21, or use --format matmulnbits",
-        ) from exc
+    converted = convert_opset(
+        proto,
+        target,
+        f"from opset {default_opset(model)} to {target} (needed for INT4 DequantizeLinear)",
+        "re-export at opset 21, or use --format matmulnbits",
+    )
     del proto
-    needed = onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True)
-    converted.ir_version = max(converted.ir_version, needed)
     upgraded = ir.from_proto(converted)
     for name, value in upgraded.graph.initializers.items():
         if name in kept and isinstance(value.const_value, ir.ExternalTensor):
