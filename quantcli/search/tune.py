@@ -208,7 +208,7 @@ class _Search:
             for assignment in todo:  # ranges a candidate needs, into the shared table
                 self._extend_table(self.config_for(assignment))
             calls = [(self.space.node_formats(a), subset) for a in todo]
-            scores = self.remote(self.table, calls)
+            scores = self.remote(self.table, calls) if calls else iter(())
             for assignment, (score, seconds) in zip(todo, scores, strict=True):
                 trial = self._new("rank", assignment, score, subset)
                 self._record(("rank", assignment, True), trial, seconds)
