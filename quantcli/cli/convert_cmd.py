@@ -215,7 +215,7 @@ def _int8(**o: Any) -> Any:
         return _replay(o)
     if o["dynamic"] and o["format_"] not in (None, "dynamic"):
         raise InputError("--dynamic and --format are exclusive", hint="drop one of them")
-    given = [flag for key, flag in INT4_ONLY.items() if o[key] is not None]
+    given = _given(o, INT4_ONLY)
     if given:
         raise InputError(f"{'/'.join(given)} {_are(given)} INT4 options", hint="add --bits 4")
     o = {**o, **{key: value for key, value in INT8_DEFAULTS.items() if o[key] is None}}
