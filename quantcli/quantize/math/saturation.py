@@ -21,6 +21,7 @@ _QMAX = 127  # symmetric int8 weights use [-127, 127]
 _STEPS = 8  # scale candidates between full 8-bit and plain rounding that is already safe
 _TINY = np.float32(1e-12)
 _CHUNK = 256  # columns searched at once: bounds the [4, K, C] candidate arrays
+_GPTQ_BLOCK = 128  # rows rounded between two whole-matrix error updates
 
 
 def as_columns(w: np.ndarray, out_axis: int | None) -> np.ndarray:
@@ -113,7 +114,7 @@ def _capped(
     side is chosen on its own.
     """
     q = np.clip(np.rint(cols / scale), -_QMAX, _QMAX)
-    err = (imp * (q * scale - cols) ** 2).sum(axis=0, where=q == 0, dtype=np.float64)
+    err = _cost(q * scale, cols, imp, q == 0)
     at_cols = np.arange(q.shape[1])
     for sign in (1.0, -1.0):
         v = np.maximum(sign * q, 0.0)
@@ -122,14 +123,20 @@ def _capped(
         keep = np.minimum(v, np.maximum(PAIR_LIMIT - top, 0.0))
         keep[at, at_cols] = top
         even = np.minimum(v, PAIR_LIMIT // 2)
-        costs = [
-            (imp * (sign * c * scale - cols) ** 2).sum(axis=0, where=side, dtype=np.float64)
-            for c in (keep, even)
-        ]
+        costs = [_cost(sign * c * scale, cols, imp, side) for c in (keep, even)]
         use_keep = costs[0] <= costs[1]
         q = np.where(side, sign * np.where(use_keep, keep, even), q)
         err += np.where(use_keep, costs[0], costs[1])
     return q, err
+
+
+def _cost(values: np.ndarray, cols: np.ndarray, imp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per column, the sum over `mask` of imp * (values - cols)^2 (float32 work: this is
+    the hot loop of the search, and only comparisons between costs use it)."""
+    d = np.asarray(values - cols, np.float32)
+    d *= d
+    d *= imp
+    return np.einsum("kc,kc->c", d, mask.astype(np.float32)).astype(np.float64)
 
 
 def _search(
@@ -140,7 +147,7 @@ def _search(
     best_scale = full.copy()
     best_err = np.where(pair_bound(best_q, 1) <= PAIR_LIMIT, -1.0, np.inf)
     for t in ts:
-        scale = full * ratio**t
+        scale = (full * ratio**t).astype(np.float32)  # as stored: q must match it
         q, err = _capped(cols, scale, imp)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -175,15 +182,23 @@ def _gptq(cols: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> np.ndarray:
     q = np.zeros_like(work)
     top_pos = np.zeros(cols.shape[1])
     top_neg = np.zeros(cols.shape[1])
-    for row in range(k):
-        cap_pos = np.where(top_pos > 0, PAIR_LIMIT - top_pos, _QMAX)
-        cap_neg = np.where(top_neg > 0, PAIR_LIMIT - top_neg, _QMAX)
-        value = np.clip(np.rint(work[row] / scale), -cap_neg, np.minimum(cap_pos, _QMAX))
-        value = np.maximum(value, -_QMAX)
-        q[row] = value
-        top_pos, top_neg = np.maximum(top_pos, value), np.maximum(top_neg, -value)
-        err = (work[row] - value * scale) / upper[row, row]
-        work[row + 1 :] -= np.outer(upper[row, row + 1 :], err)
+    # Lazy batches (GPTQ's): rows are rounded one at a time inside a block of _GPTQ_BLOCK
+    # rows, and the block's errors reach the rows after it in one matrix product.
+    for start in range(0, k, _GPTQ_BLOCK):
+        stop = min(start + _GPTQ_BLOCK, k)
+        block = work[start:stop]
+        errs = np.zeros_like(block)
+        for j in range(stop - start):
+            row = start + j
+            cap_pos = np.where(top_pos > 0, PAIR_LIMIT - top_pos, _QMAX)
+            cap_neg = np.where(top_neg > 0, PAIR_LIMIT - top_neg, _QMAX)
+            value = np.clip(np.rint(block[j] / scale), -cap_neg, np.minimum(cap_pos, _QMAX))
+            value = np.maximum(value, -_QMAX)
+            q[row] = value
+            top_pos, top_neg = np.maximum(top_pos, value), np.maximum(top_neg, -value)
+            errs[j] = (block[j] - value * scale) / upper[row, row]
+            block[j + 1 :] -= np.outer(upper[row, row + 1 : stop], errs[j])
+        work[stop:] -= upper[start:stop, stop:].T @ errs
     return q
 
 
