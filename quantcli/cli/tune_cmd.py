@@ -53,7 +53,8 @@ def tune(
         int, typer.Option("--max-trials", min=1, help="Candidates to build and score, at most.")
     ] = 200,
     time_budget: Annotated[
-        float | None, typer.Option("--time-budget", min=1, help="Seconds for the search.")
+        float | None,
+        typer.Option("--time-budget", min=1, help="Seconds for the search, calibration included."),
     ] = None,
     rank_samples: Annotated[
         int, typer.Option("--rank-samples", min=1, help="Worst samples used to rank moves.")

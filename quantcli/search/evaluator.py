@@ -8,7 +8,8 @@ set or a ranking subset) runs only the candidate; metrics, gates and latency are
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from quantcli.evaluate.latency import LatencyComparison, measure_latency
 from quantcli.evaluate.model_file import inspect_model
 from quantcli.evaluate.plugin import load_metric
 from quantcli.evaluate.result import CompareConfig, CompareResult, DataInfo
+from quantcli.search.switch import SWITCH
 
 
 class _CachedFloat:
@@ -71,6 +73,19 @@ class _Subset:
                 yield batch
 
 
+class _Switched:
+    """A switch model's session (search/switch.py) with its switch set."""
+
+    def __init__(self, session: Any, value: int) -> None:
+        self.session, self.value = session, np.array(value, np.int64)
+
+    def get_outputs(self) -> Any:
+        return self.session.get_outputs()
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(names, {**feeds, SWITCH: self.value})
+
+
 @dataclass(frozen=True)
 class Score:
     summary: dict[str, float | None]
@@ -112,11 +127,25 @@ class Evaluator:
         self.names = [name for name, _ in self.float_info.outputs]
 
     def score(self, path: Path, subset: list[int] | None = None) -> Score:
+        quant = inspect_model(str(path))
+        return self._score(open_session(quant.path, self.config), quant, subset)
+
+    def switched_scores(
+        self, path: Path, switches: Iterable[int], subset: list[int]
+    ) -> Iterator[tuple[Score, float]]:
+        """(score, seconds) of a switch model (search/switch.py) run with its switch at
+        each value in turn, on one session."""
+        quant = inspect_model(str(path))
+        session = open_session(quant.path, self.config)
+        for value in switches:
+            start = time.monotonic()
+            score = self._score(_Switched(session, value), quant, subset)
+            yield score, time.monotonic() - start
+
+    def _score(self, session: Any, quant: Any, subset: list[int] | None) -> Score:
         data = self.data if subset is None else _Subset(self.data, subset, self.labels)
         labels = self.labels if subset is None else data.labels
-        quant = inspect_model(str(path))
         plugin = load_metric(self.config.metric) if self.config.metric else None
-        session = open_session(quant.path, self.config)
         batch = 1 if subset is not None else self.config.batch_size
         batches = labelled_batches(data, batch, data.num_samples, labels)
         outputs, _ = score_outputs(
@@ -132,7 +161,8 @@ class Evaluator:
         return Score(summary, metrics, evaluate_gates(budget, summary, metrics), n)
 
     def worst_samples(self, path: Path, count: int) -> list[int]:
-        """The `count` samples whose first output is least like float's (by cosine)."""
+        """The `count` samples whose first output is least like float's (by cosine),
+        worst first."""
         session = open_session(inspect_model(str(path)).path, self.config)
         indices, values = [], []
         for batch in self.data.batches(1):
@@ -143,7 +173,7 @@ class Evaluator:
             norm = np.linalg.norm(f) * np.linalg.norm(q)
             values.append(float(f @ q / norm) if norm > 0 else 1.0)
         order = np.argsort(np.asarray(values), kind="stable")[:count]
-        return sorted(indices[i] for i in order)
+        return [indices[i] for i in order]
 
     def latency(self, path: Path) -> LatencyComparison:
         """Interleaved against the float model on the first sample, as compare times it."""

@@ -5,7 +5,8 @@ scored on the same worst samples), and the part with the most trials. Each task 
 candidate from the shared calibration table with the same `quantize_int8` and scores it
 with the same `Evaluator` as one process does, so the scores are the same; the greedy steps,
 the full-set checks and every latency measurement stay on the driver (one machine times
-every candidate, as `compare` does).
+every candidate, as `compare` does), and so do the moves ranked on a switch model
+(switch.py: one session, no candidate to build).
 
 Every node must read the model and the evaluation data at the same path
 (docs/cluster.md); a worker process keeps its evaluator (the float outputs it computed)

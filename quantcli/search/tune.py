@@ -5,6 +5,8 @@
    score the default conversion on the full evaluation set.
 2. If it misses the budget, rank the groups (space.py): each group moved one rung towards
    float alone, scored on the samples the default gets most wrong (NNCF's ranking idea).
+   Moves of dynamic and weight-only groups are scored on one switch model (switch.py)
+   instead of a built candidate each; static ones are built (or run on a Ray cluster).
 3. Greedy: the best-ranked 1, 2, 4, ... groups moved together until the budget holds, then
    bisected to the fewest that hold it; failing that, the ranked moves one at a time, each
    checked on the full set and undone if it did not help; then a second rung where needed.
@@ -28,9 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnx_ir as ir
+
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.runner import calibrate_model
-from quantcli.calibrate.table import CalibrationTable, model_fingerprint
+from quantcli.calibrate.table import CalibrationTable, model_fingerprint, save_table
 from quantcli.calibration import calibrate_file
 from quantcli.data import WithLabels, open_data
 from quantcli.errors import InputError
@@ -45,6 +50,7 @@ from quantcli.quantize.int8.recipe import Recipe
 from quantcli.quantize.math.affine import reusing_weights
 from quantcli.search.evaluator import Evaluator, Score
 from quantcli.search.space import Assignment, Space, build_space
+from quantcli.search.switch import FloatFacts, switch_model
 from quantcli.search.trials import (
     Trial,
     TuneResult,
@@ -60,6 +66,14 @@ SPEED_MARGIN = 1.02  # a move must be this much faster to count: latency is nois
 # clearly faster.
 BACK_TO_INT8 = 0.9
 TO_FLOAT = 1.05
+# Moves from these formats are ranked on a switch model (switch.py). Not from static QDQ:
+# its outputs feed ONNX Runtime's DQ -> op -> Q fusions, which the If reading them blocks,
+# so a switched static group is scored unfused (digits CNN, first block Conv to float:
+# 34.9 dB output SQNR switched, exactly the built candidate's without ORT's optimizations,
+# but 32.1 dB for the built candidate as ORT runs it). Built candidates rank those.
+SWITCHED = frozenset({"dynamic", "weight-only"})
+RANK_SHARE = 1 / 3  # of the time left, for one ranking round under --time-budget
+RANK_MIN = 4  # ranking samples, at the least
 Progress = Callable[[str, int, int, float | None], None]  # stage, trials, max, best speedup
 
 
@@ -94,7 +108,8 @@ RemoteScorer = Callable[[CalibrationTable, list[tuple[NodeFormats, list[int]]]],
 class _Search:
     def __init__(self, model: Path, config: TuneConfig, evaluator: Evaluator, table, calib,
                  space, workdir: Path, state: Path, progress: Progress | None,
-                 remote: RemoteScorer | None = None) -> None:  # fmt: skip
+                 remote: RemoteScorer | None = None,
+                 started: float | None = None) -> None:  # fmt: skip
         self.model, self.config, self.evaluator, self.calib = model, config, evaluator, calib
         self.remote = remote
         self.remote_trials = 0  # ranking trials scored on the cluster
@@ -104,7 +119,7 @@ class _Search:
         self.workdir, self.state, self.progress = workdir, state, progress
         self.trials: list[Trial] = []
         self.known: dict[tuple[str, Assignment, bool], Trial] = {}
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # calibration too
         self.stopped = "search finished"
         self._load_state()
 
@@ -160,6 +175,34 @@ class _Search:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(result.model, path, force=True, external_data=loaded.external_data)
         return path
+
+    def build_switch(self, current: Assignment, groups: list[int]) -> tuple[Path, set[int]]:
+        """The switch model (switch.py) of `current` and each of `groups` one rung
+        towards float, and the groups it can move."""
+        stepped = current
+        for index in groups:
+            stepped = self.space.step(stepped, index) or stepped
+        protos = []
+        prepared, _ = prepare_for_int8(load_model(self.model).model, self.config.base)
+        for assignment in (current, stepped):
+            config = self.config_for(assignment)
+            if prepare_for_int8(prepared, config)[1].empty:  # all float: the model itself
+                protos.append(ir.serde.serialize_model(prepared))
+                continue
+            self._extend_table(config)
+            result = quantize_int8(load_model(self.model), config, table=self.table)
+            protos.append(ir.serde.serialize_model(result.model))
+            del result
+        nodes = {i: list(self.space.groups[i].nodes) for i in groups}
+        merged, movable = switch_model(*protos, FloatFacts(prepared), nodes)
+        del protos
+        path = self.workdir / "switch" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(
+            merged, path, save_as_external_data=True, location="model.onnx.data",
+            size_threshold=1024,
+        )  # fmt: skip
+        return path, movable
 
     def _extend_table(self, config: Int8Config) -> None:
         """Calibrate the tensors a candidate needs that the table lacks (a node gone float
@@ -220,6 +263,34 @@ class _Search:
             done.append(self.trial("rank", assignment, subset) if run else None)
         return done
 
+    def switched_trials(
+        self, current: Assignment, moves: list[tuple[int, Assignment]], subset: list[int]
+    ) -> None:
+        """The ranking trials of `current` and of each move, from one switch model where
+        they can be (switch.py); those it cannot move are left to ranking_trials."""
+        todo = [
+            (i, m)
+            for i, m in moves
+            if ("rank", m, True) not in self.known
+            and self.space.groups[i].ladder[current[i]] in SWITCHED
+        ]
+        base_known = ("rank", current, True) in self.known
+        if not todo or self.out_of_budget():
+            return
+        start = time.monotonic()
+        path, movable = self.build_switch(current, [i for i, _ in todo])
+        runs = [(-1, current)] if not base_known else []
+        runs += [(i, m) for i, m in todo if i in movable]
+        scores = self.evaluator.switched_scores(path, (i for i, _ in runs), subset)
+        extra = time.monotonic() - start  # the build, charged to the first trial
+        for (_, assignment), (score, seconds) in zip(runs, scores, strict=False):
+            trial = self._new("rank", assignment, score, subset)
+            self._record(("rank", assignment, True), trial, seconds + extra)
+            extra = 0.0
+            if self.out_of_budget():
+                break
+        shutil.rmtree(path.parent, ignore_errors=True)
+
     def _new(
         self, stage: str, assignment: Assignment, score: Score, subset: list[int] | None
     ) -> Trial:
@@ -265,7 +336,10 @@ class _Search:
             self.speed_pass()
 
     def greedy(self, current: Trial, worst: Callable[[Path], list[int]]) -> Trial:
-        subset = worst(self.build(current.assignment))
+        start = time.monotonic()
+        ordered = worst(self.build(current.assignment))
+        per_sample = (time.monotonic() - start) / max(self.evaluator.data.num_samples, 1)
+        subset = sorted(ordered[: self.rank_count(len(ordered), per_sample)])
         for _ in range(max(len(g.ladder) for g in self.space.groups) if self.space.groups else 0):
             order = self.rank(current, subset)
             if not order:
@@ -285,6 +359,19 @@ class _Search:
                 if current.passed:
                     return current
         return current
+
+    def rank_count(self, available: int, per_sample: float) -> int:
+        """Ranking samples: --rank-samples, fewer where the time budget is short. One
+        ranking round runs every group's move on them (about a pass over the evaluation set
+        each): it gets a third of the time left, and at least RANK_MIN of the worst samples.
+        SmolLM2-135M (121 groups, 0.3 s per 128-token sample on 2 cores) gets a handful."""
+        limit = self.config.time_budget
+        if limit is None or per_sample <= 0:
+            return available
+        left = limit - (time.monotonic() - self.started)
+        moves = sum(1 for g in self.space.groups if len(g.ladder) > 1)
+        fits = int(left * RANK_SHARE / (max(moves, 1) * per_sample))
+        return max(min(available, fits), min(available, RANK_MIN))
 
     def prefixes(self, current: Trial, order: list[int]) -> Trial:
         """The best-ranked 1, 2, 4, ... groups moved together until the budget holds, then
@@ -326,9 +413,10 @@ class _Search:
         """Groups by how much one rung towards float helps on the worst samples: by the
         rise of the output SQNR there (continuous, where a top-1 count on 64 samples is
         coarse), then by the budget's own shortfall; moves that hurt the budget are out."""
-        base = self.trial("rank", current.assignment, subset)
         moves = [(i, self.space.step(current.assignment, i)) for i in range(len(self.space.groups))]
         moves = [(i, m) for i, m in moves if m is not None]
+        self.switched_trials(current.assignment, moves, subset)  # one session, here
+        base = self.trial("rank", current.assignment, subset)
         scored = self.ranking_trials([m for _, m in moves], subset)
         gains = []
         for (i, _), trial in zip(moves, scored, strict=True):
@@ -348,20 +436,24 @@ class _Search:
         float, as on tiny layers)."""
         best = self.best()
         fastest = (best.speedup or 0) if best else 0  # the tolerance does not compound
-        for index in range(len(self.space.groups)):
-            for by in (-1, 1):
+        handed_back: set[int] = set()
+        # Every hand-back first: on a model with many groups the time budget may end the
+        # pass, and returning float groups to int8 is where most of the speed is.
+        for by in (-1, 1):
+            for index in range(len(self.space.groups)):
                 if best is None or self.out_of_budget():
                     self.winner = best
                     return
                 moved = self.space.step(best.assignment, index, by=by)
-                if moved is None:
+                if moved is None or index in handed_back:  # stepping back would undo it
                     continue
                 trial = self.trial("speed", moved)
                 speed = trial.speedup or 0
                 need = (best.speedup or 0) * TO_FLOAT if by > 0 else fastest * BACK_TO_INT8
                 if trial.passed and speed >= need:
                     best, fastest = trial, max(fastest, speed)
-                    break  # handed back: stepping the other way would just undo it
+                    if by < 0:
+                        handed_back.add(index)
         self.winner = best
 
 
@@ -385,6 +477,7 @@ def tune_file(
     """
     from quantcli.convert import convert_int8_file
 
+    started = time.monotonic()
     check_model_path(Path(model_path))
     check_output_path(
         output, inputs=[Path(model_path), Path(data_spec), Path(eval_spec)], force=force
@@ -426,32 +519,39 @@ def tune_file(
         evaluator = Evaluator(Path(model_path), evaluation, config.gates, cfg, workdir / "float")
         search = _Search(
             Path(model_path), config, evaluator, table, calib, space, workdir, state, progress,
-            remote,
+            remote, started,
         )  # fmt: skip
-        with reusing_weights():
-            search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
-    best = search.best()
-    found = best is not None
-    result = TuneResult(found, best, search.trials, space, None, None, search.stopped, [])
-    if where is not None:
-        result.cluster = where | {"ranking_trials": search.remote_trials}
-    pick = best or min((t for t in search.trials if not t.subset), key=shortfall, default=None)
-    if not found:
-        result.best = pick
-        result.held_back = held_back(pick)
-    if pick is not None and (found or write_best):
-        recipe = Recipe(
-            model_fingerprint(Path(model_path)),
-            replace(config.base, node_formats=space.node_formats(pick.assignment)),
-            config.calibration,
-        )
-        recipe_path = output.with_name(output.stem + ".recipe.json")
-        convert_int8_file(
-            model_path, output, recipe.int8, data_spec=data_spec,
-            calibration=recipe.calibration, force=force,
-        )  # fmt: skip
-        recipe.save(recipe_path)
-        result.output, result.recipe = output, recipe_path
+        # The winner is written with the candidates' weights: the pair-safe search is
+        # most of an LM's conversion time.
+        stack.enter_context(reusing_weights())
+        search.run(lambda path: evaluator.worst_samples(path, config.rank_samples))
+        best = search.best()
+        found = best is not None
+        result = TuneResult(found, best, search.trials, space, None, None, search.stopped, [])
+        if where is not None:
+            result.cluster = where | {"ranking_trials": search.remote_trials}
+        pick = best or min((t for t in search.trials if not t.subset), key=shortfall, default=None)
+        if not found:
+            result.best = pick
+            result.held_back = held_back(pick)
+        if pick is not None and (found or write_best):
+            recipe = Recipe(
+                model_fingerprint(Path(model_path)),
+                replace(config.base, node_formats=space.node_formats(pick.assignment)),
+                config.calibration,
+            )
+            recipe_path = output.with_name(output.stem + ".recipe.json")
+            # The search's own table: its ranges are per tensor, the same the replay's
+            # calibration computes (tests/test_tune.py checks the bytes), without a pass.
+            search._extend_table(recipe.int8)
+            table_path = workdir / "table.json"
+            save_table(search.table, table_path)
+            convert_int8_file(
+                model_path, output, recipe.int8, table_path=table_path,
+                calibration=recipe.calibration, force=force,
+            )  # fmt: skip
+            recipe.save(recipe_path)
+            result.output, result.recipe = output, recipe_path
     if found:
         state.unlink(missing_ok=True)
     return result

@@ -55,7 +55,7 @@ def quantize_int8(
     model, plan = prepare_for_int8(model, config)
     if config.format == "dynamic":
         return _dynamic(model, plan, config)
-    if not plan.nodes and not plan.dynamic and not plan.blockwise:
+    if plan.empty:
         raise InputError(
             "nothing to quantize: no node matches the selected op types",
             hint="run quantcli inspect to see the op types, then set --op-types/--include",

@@ -65,6 +65,11 @@ class Plan:
     smoothed: list[str] = field(default_factory=list)  # dynamic MatMuls given smoothed input
     unmatched: list[str] = field(default_factory=list)  # --include/--exclude matching no node
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to quantize."""
+        return not self.nodes and not self.dynamic and not self.blockwise
+
     def quantized_tensors(self) -> list[str]:
         return self.activations + [t for t in self.shared if t not in self.activations]
 
