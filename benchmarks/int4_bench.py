@@ -2,8 +2,12 @@
 MatMulNBitsQuantizer (RTN, k_quant, HQQ, GPTQ) on the same model, text and host.
 
     .venv/bin/python benchmarks/int4_bench.py [--models smollm2,minilm] [--only a,b] [--reuse]
+    .venv/bin/python benchmarks/int4_bench.py --models magika \\
+        --out benchmarks/results/int4-magika-<host>.json
     .venv/bin/python benchmarks/int4_bench.py --render benchmarks/results/int4-<host>.json \\
         --docs docs/int4.md          # the measured section of docs/int4.md and its chart
+    .venv/bin/python benchmarks/int4_bench.py --render benchmarks/results/int4-magika-<host>.json \\
+        --docs docs/int4.md --block int4-magika
 
 Models and data come from `benchmarks/prepare.py` (~/.cache/quantcli-bench). Each
 conversion runs in its own child process (wall time and peak RSS, `proc.py`); every session
@@ -66,7 +70,25 @@ ENCODER = {
         "quantcli-int8",
     )
 } | {"quantcli-no-embeddings": ("quantcli", [*Q4, *DATA, "--no-embeddings"])}
-CONTENDERS = {"smollm2": LM, "minilm": ENCODER}
+# Magika: INT4 reaches only its two dense MatMuls (the byte embedding and the classifier);
+# its Conv, most of the weights, stays float. INT8 (which takes the Conv too) is measured.
+MAGIKA = {
+    k: LM[k]
+    for k in (
+        "float",
+        "ort-rtn",
+        "ort-rtn-acc4",
+        "ort-k_quant",
+        "quantcli-nodata",
+        "quantcli",
+        "quantcli-budget-5.5",
+        "quantcli-budget-6.3",
+    )
+} | {
+    "quantcli-block16": ("quantcli", [*Q4, *DATA, "--block-size", "16"]),
+    "quantcli-int8": ("quantcli", ["--bits", "8", *DATA]),
+}
+CONTENDERS = {"smollm2": LM, "minilm": ENCODER, "magika": MAGIKA}
 
 
 def log(msg: str) -> None:
@@ -140,8 +162,13 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------ rendering
 
 
+EXTRA_COLUMNS = {"lm": ["top1_agreement"], "magika": ["top1_agreement", "confident_agreement"]}
+
+
 def _metric(task: str) -> tuple[str, bool]:
     """(metric key, lower is better)."""
+    if task == "magika":
+        return ("accuracy", False)
     return ("perplexity", True) if task == "lm" else ("mean_cosine", False)
 
 
@@ -240,9 +267,9 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
         if name in chart_names:
             lines += [f"![size against {key}]({chart_names[name]})", ""]
         calls = ["prompt128", "step1"] if entry["task"] == "lm" else ["batch1"]
+        extra = EXTRA_COLUMNS.get(entry["task"], [])
         head = ["setting", "MB", "x float", key, f"x float {key}"]
-        if entry["task"] == "lm":
-            head.append("top-1 agreement")
+        head += [k.replace("_", " ") for k in extra]
         head += [f"{c} speed" for c in calls] + ["convert s", "convert peak RSS MB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for who, rec in entry["contenders"].items():
@@ -258,13 +285,12 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
             if "metrics" in rec:
                 value = rec["metrics"][key]
                 row += [f"{value:.4g}", f"{value / base:.3f}"]
-                if entry["task"] == "lm":
-                    row.append(f"{rec['metrics']['top1_agreement']:.3f}")
+                row += [f"{rec['metrics'][k]:.4f}" for k in extra]
                 for c in calls:
                     ratio = rec["latency"][c]["ratio_to_float"]
                     row.append(f"{1 / ratio:.2f}x ({rec['latency'][c]['median_ms']:.1f} ms)")
             else:
-                row += ["-"] * (2 + (entry["task"] == "lm") + len(calls))
+                row += ["-"] * (2 + len(extra) + len(calls))
             reused = "reused" if rec.get("reused") else "-"
             row += [f"{conv.get('wall_s', reused)}", f"{conv.get('peak_rss_mb', reused)}"]
             lines.append("| " + " | ".join(str(c) for c in row) + " |")
@@ -276,7 +302,7 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def render(path: Path, docs: Path | None) -> None:
+def render(path: Path, docs: Path | None, block: str = "int4-bench") -> None:
     res = json.loads(path.read_text())
     charts = {}
     for name, entry in res["models"].items():
@@ -288,7 +314,7 @@ def render(path: Path, docs: Path | None) -> None:
         print(text)
         return
     doc = docs.read_text()
-    start, end = "<!-- int4-bench:start -->", "<!-- int4-bench:end -->"
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     if start not in doc:
         raise SystemExit(f"{docs} has no {start} marker")
     before, rest = doc.split(start, 1)
@@ -313,9 +339,10 @@ def main() -> None:
     p.add_argument("--torch-python", default="/work/venv-bench/bin/python")
     p.add_argument("--render", type=Path)
     p.add_argument("--docs", type=Path)
+    p.add_argument("--block", default="int4-bench", help="the docs' marker to fill")
     args = p.parse_args()
     if args.render:
-        render(args.render, args.docs)
+        render(args.render, args.docs, args.block)
         return
     args.only = [x for x in args.only.split(",") if x]
     kind, _ = host_kind()

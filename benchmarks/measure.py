@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 Arrays = dict[str, np.ndarray]
-BATCH = {"imagenet": 25, "mnist": 500, "embedding": 50, "lm": 4}
+BATCH = {"imagenet": 25, "mnist": 500, "embedding": 50, "lm": 4, "magika": 200}
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -101,11 +101,26 @@ def lm(ref: np.ndarray, got: np.ndarray, data: Arrays) -> dict[str, float]:
     }
 
 
+def magika(ref: np.ndarray, got: np.ndarray, data: Arrays) -> dict[str, float]:
+    """File-type accuracy against the files' extensions, top-1 agreement with float, and
+    agreement where float is confident (probability >= 0.5, Magika's medium threshold:
+    below it Magika answers a generic type, and a near-tie flips on any change)."""
+    sure = ref.max(-1) >= 0.5
+    same = got.argmax(-1) == ref.argmax(-1)
+    return {
+        "accuracy": float((got.argmax(-1) == data["labels"]).mean()),
+        "top1_agreement": float(same.mean()),
+        "confident_agreement": float(same[sure].mean()),
+        "confident_share": float(sure.mean()),
+    }
+
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, Arrays], dict[str, float]]] = {
     "imagenet": imagenet,
     "mnist": mnist,
     "embedding": embedding,
     "lm": lm,
+    "magika": magika,
 }
 
 

@@ -15,7 +15,7 @@ DEFAULT_CACHE = Path("~/.cache/quantcli-bench").expanduser()
 class Spec:
     name: str
     title: str
-    task: str  # "imagenet" | "mnist" | "embedding" | "lm"
+    task: str  # "imagenet" | "mnist" | "embedding" | "lm" | "magika"
     transformer: bool  # dynamic INT8 (weights only) instead of static QDQ
     int4: bool  # also gets the weight-only INT4 contenders
     calib_bench: bool  # calibration time/memory scaling at 32/128/512 samples
@@ -38,6 +38,7 @@ SPECS = {
             False,
             head="node_linear_210",
         ),
+        Spec("magika", "Magika file-type classifier (CNN + dense)", "magika", False, True, False),
     ]
 }
 FULL = ["mnist", "digits_sample", "efficientnet", "minilm", "smollm2"]

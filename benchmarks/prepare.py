@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,11 +134,29 @@ def prep_smollm2(f: Files, cache: Path) -> None:
     )
 
 
+def prep_magika(f: Files, cache: Path) -> None:
+    """Magika ships its ONNX model in the wheel (a CNN over bytes and two dense MatMuls):
+    no export, the file itself; the data are files of this machine."""
+    t = time.time()
+    model_dir = export.unpacked_wheel(cache, export.MAGIKA) / "magika" / "models" / "standard_v3_3"
+    config = json.loads((model_dir / "config.min.json").read_text())
+    calib, ev, how = prepdata.magika_sets(config["target_labels_space"], 500, 2000, SEED)
+    f.model.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_dir / "model.onnx", f.model)
+    np.savez(f.calib, **calib)
+    np.savez(f.eval, **ev)
+    how |= {"source": export.MAGIKA, "export_s": round(time.time() - t, 1)}
+    how |= {"max_abs_diff_vs_torch": 0.0, "calib_samples": len(calib["bytes"])}
+    how |= {"eval_samples": len(ev["bytes"]), "seed": SEED}
+    f.info.write_text(json.dumps(how | summarize(f.model), indent=1))
+
+
 PREP: dict[str, Callable[[Files, Path], None]] = {
     "mnist": prep_mnist,
     "efficientnet": prep_efficientnet,
     "minilm": prep_minilm,
     "smollm2": prep_smollm2,
+    "magika": prep_magika,
 }
 
 

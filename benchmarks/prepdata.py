@@ -143,3 +143,74 @@ def lm_sets(
         return {"input_ids": windows[idx], "attention_mask": np.ones_like(windows[idx])}
 
     return pack(order[n_eval : n_eval + n_calib]), pack(order[:n_eval])
+
+
+# Magika's file-type labels for extensions whose files here are what the extension says.
+MAGIKA_EXTENSIONS = {
+    ".py": "python", ".txt": "txt", ".json": "json", ".html": "html", ".htm": "html",
+    ".xml": "xml", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif",
+    ".svg": "svg", ".gz": "gzip", ".bz2": "bzip", ".xz": "xz", ".zip": "zip", ".pdf": "pdf",
+    ".c": "c", ".h": "c", ".sh": "shell", ".css": "css", ".js": "javascript",
+    ".md": "markdown", ".rst": "rst", ".ini": "ini", ".yaml": "yaml", ".yml": "yaml",
+    ".toml": "toml", ".so": "elf", ".tar": "tar", ".csv": "csv", ".tex": "latex",
+    ".pl": "perl", ".pm": "perl", ".rb": "ruby", ".php": "php", ".java": "java",
+    ".go": "go", ".rs": "rust", ".sql": "sql", ".wav": "wav", ".ttf": "ttf", ".otf": "otf",
+    ".ico": "ico", ".bmp": "bmp", ".pyc": "pythonbytecode", ".tcl": "tcl", ".lua": "lua",
+    ".cpp": "cpp", ".awk": "awk", ".el": "lisp", ".pem": "pem", ".bat": "batch",
+    ".ps1": "powershell", ".mk": "makefile", ".diff": "diff", ".patch": "diff",
+    ".rtf": "rtf", ".m4": "m4", ".npy": "npy", ".npz": "npz", ".ipynb": "ipynb",
+    ".po": "po", ".wasm": "wasm", ".woff": "woff", ".woff2": "woff2", ".jar": "jar",
+    ".tiff": "tiff", ".webp": "webp", ".mp3": "mp3", ".ogg": "ogg", ".flac": "flac",
+    ".ts": "typescript", ".scss": "scss", ".proto": "proto", ".tsv": "tsv",
+}  # fmt: skip
+MAGIKA_ROOTS = ("/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu")
+_BEG = _END = 1024  # Magika standard_v3_3's config: beg_size, end_size, block_size, padding
+_BLOCK, _PAD = 4096, 256
+
+
+def magika_features(path: Path) -> list[int]:
+    """Magika's model input for a file (magika 1.0.3, `_extract_features_from_seekable`):
+    the first 1024 bytes of the first 4096 after stripping leading whitespace, padded at
+    the end, then the last 1024 of the last 4096 after stripping trailing whitespace,
+    padded at the beginning."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        n = min(_BLOCK, size)
+        beg = fh.read(n).lstrip()[:_BEG]
+        fh.seek(size - n)
+        end = fh.read(n).rstrip()[-_END:] if n else b""
+    return [*beg, *[_PAD] * (_BEG - len(beg)), *[_PAD] * (_END - len(end)), *end]
+
+
+def magika_sets(
+    labels: list[str], n_calib: int, n_eval: int, seed: int, per_label: int = 60
+) -> tuple[Arrays, Arrays, dict]:
+    """Files of this machine (the Python standard library, /usr/share, system libraries)
+    whose extension names a Magika label, at most `per_label` files per label; labels are
+    indices into the model's label space. Returns the sets and a description."""
+    import random
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["stdlib"]), *map(Path, MAGIKA_ROOTS)]
+    by_label: dict[str, list[Path]] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+            label = MAGIKA_EXTENSIONS.get(path.suffix.lower())
+            usable = label in labels and "site-packages" not in path.parts
+            usable = usable and not path.is_symlink() and path.is_file()
+            if usable and path.stat().st_size >= 8:  # Magika's min_file_size_for_dl
+                by_label.setdefault(label, []).append(path)
+    rng = random.Random(seed)
+    chosen: list[tuple[Path, str]] = []
+    for label in sorted(by_label):
+        paths = by_label[label]
+        rng.shuffle(paths)
+        chosen += [(p, label) for p in paths[:per_label]]
+    rng.shuffle(chosen)
+    chosen = chosen[: n_calib + n_eval]
+    x = np.array([magika_features(p) for p, _ in chosen], np.int32)
+    y = np.array([labels.index(label) for _, label in chosen], np.int64)
+    counts = {label: sum(1 for _, lab in chosen if lab == label) for label in sorted(by_label)}
+    how = {"roots": [str(r) for r in roots], "files_per_label": counts}
+    cut = min(n_calib, len(chosen) // 4)
+    return {"bytes": x[:cut]}, {"bytes": x[cut:], "labels": y[cut:]}, how
