@@ -57,10 +57,11 @@ class ChannelStats:
         self._sums = np.zeros(0) if sums is None else sums
         self._absmax = np.zeros(0) if absmax is None else absmax
         self._squares = squares
-        # The total x x^T sum is kept packed (it is symmetric): with the open block's full
-        # sum beside it, the two take the memory of 1.5 matrices.
+        # x x^T sums are kept packed (they are symmetric), the total and the open block's
+        # alike: every tracked input has a block open at once (121 on SmolLM2-135M, 0.9 GB
+        # of float64 matrices), so a full block sum would cost half as much again.
         self._gram = None if gram is None else _pack(gram)
-        self._gram_full: np.ndarray | None = None  # a block's own sum, batch by batch
+        self._gram_open: np.ndarray | None = None  # the block's own sum, packed
         self._block: ChannelStats | None = None  # the block being summed
         self._block_batches = 0
 
@@ -78,8 +79,8 @@ class ChannelStats:
         if self._block is None:
             return
         block, self._block, self._block_batches = self._block, None, 0
-        if block._gram_full is not None:  # numpy sums x^T x symmetric (syrk): nothing lost
-            block._gram, block._gram_full = _pack(block._gram_full), None
+        if block._gram_open is not None:
+            block._gram, block._gram_open = block._gram_open, None
         if self.count == 0:
             self.count, self._sums, self._absmax = block.count, block._sums, block._absmax
             self._squares, self._gram = block._squares, block._gram
@@ -112,10 +113,14 @@ class ChannelStats:
                 gram = (rows.T @ rows).astype(np.float64)
                 if not np.isfinite(gram).all():  # float32 overflowed: redo in float64
                     gram = moved.T @ moved
-            if self._gram_full is None:
-                self._gram_full = gram
+            # numpy sums x^T x symmetric (syrk): the upper triangle holds it all, and the
+            # element-wise sums are those of full matrices, bit for bit.
+            packed = _pack(gram)
+            del gram
+            if self._gram_open is None:
+                self._gram_open = packed
             else:
-                self._gram_full += gram
+                self._gram_open += packed
         self.count += moved.shape[0]
 
     @property
