@@ -210,3 +210,21 @@ def test_compare_gates_on_top1_and_on_a_plugin_metric(cli: Cli, tmp_path: Path) 
     assert not gates["metric mae <="]["passed"] and gates["metric mae <="]["value"] > 0
     result = cli(*base, "--metric-gate", "mae<=10")
     assert result.exit_code == 0, result.stderr
+
+
+def test_the_search_scores_in_the_given_batches(cli: Cli, tmp_path: Path) -> None:
+    """Dynamic int8 gives each run's activations one scale: a budget must be checked in the
+    batches the user will run, as compare checks it."""
+    s = ENCODER
+    args = ["tune", s.model, "--data", s.calib, "--eval", s.eval, "--min-cosine", "0.5"]
+    args += ["--max-trials", "1", "--runs", "2", "--json"]
+    scores = {}
+    for batch in ("1", "8"):
+        out = tmp_path / f"t{batch}.onnx"
+        doc = json.loads(cli.ok(*args, "--batch-size", batch, "-o", out).stdout)
+        (default,) = [t for t in doc["trials"] if t["stage"] == "default"]
+        cmp = ["compare", s.model, out, "--data", s.eval, "--batch-size", batch, "--json"]
+        compared = json.loads(cli.ok(*cmp, "--runs", "2").stdout)["summary"]
+        assert default["score"]["summary"]["cosine_min"] == compared["cosine_min"]
+        scores[batch] = compared["cosine_min"]
+    assert scores["1"] != scores["8"]  # the batching does change a dynamic model's output

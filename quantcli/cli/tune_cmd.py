@@ -102,7 +102,9 @@ def tune(
         rank_samples=rank_samples,
         base=Int8Config(target=target),
         calibration=CalibrationConfig(method=method, limit=limit, batch_size=batch_size),
-        compare=CompareConfig(runs=runs, warmup=5, threads=threads, metric=metric),
+        compare=CompareConfig(
+            batch_size=batch_size, runs=runs, warmup=5, threads=threads, metric=metric
+        ),
     )
     result = tune_file(
         model,
