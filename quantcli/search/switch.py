@@ -109,77 +109,89 @@ def merge(
     to skip it), B's slices in their then-branches. `original` holds the float model's
     activation names, the only tensors a slice may read from A. Returns the merged model
     and which groups it can switch."""
-    ga, gb = a.graph, b.graph
-    produced_a = _produced(ga)
-    producer_b = {o: n for n in gb.node for o in n.output if o}
-    inits_b = {t.name: t for t in gb.initializer}
-    order_b = {id(n): i for i, n in enumerate(gb.node)}
-    merged = onnx.ModelProto()
-    merged.CopyFrom(a)
-    graph = merged.graph
-    graph.input.append(helper.make_tensor_value_info(SWITCH, onnx.TensorProto.INT64, []))
-    taken_inits: set[str] = set()
-    renamed_a: dict[str, str] = {}
-    added: list[tuple[float, onnx.NodeProto]] = []
-    producer_index = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    merger = _Merger(a, b, elem_types)
     switchable = []
     for g, tensors in enumerate(points):
-        cut = (
-            None if tensors is None else _slice(tensors, producer_b, inits_b, original, produced_a)
-        )
-        if not cut or not tensors or any(t in renamed_a for t in tensors):
-            switchable.append(False)
-            continue
-        switchable.append(True)
-        nodes, inits = cut
+        cut = tensors and _slice(tensors, merger.producer_b, merger.inits_b, original,
+                                 merger.produced_a)  # fmt: skip
+        ok = bool(cut and tensors) and not any(t in merger.renamed_a for t in tensors or ())
+        if ok:
+            merger.add(g, tensors or [], *cut)  # type: ignore[misc]
+        switchable.append(ok)
+    return merger.finish(b), switchable
+
+
+class _Merger:
+    """The merged model being built: A's graph, B's slices, the switches."""
+
+    def __init__(self, a: onnx.ModelProto, b: onnx.ModelProto, elem_types: dict[str, int]):
+        self.produced_a = _produced(a.graph)
+        self.producer_b = {o: n for n in b.graph.node for o in n.output if o}
+        self.inits_b = {t.name: t for t in b.graph.initializer}
+        self.order_b = {id(n): i for i, n in enumerate(b.graph.node)}
+        self.elem_types = elem_types
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(a)
+        self.graph = self.model.graph
+        self.graph.input.append(helper.make_tensor_value_info(SWITCH, onnx.TensorProto.INT64, []))
+        self.producer_index = {o: i for i, n in enumerate(self.graph.node) for o in n.output if o}
+        self.copied: set[str] = set()  # B initializers already in the graph
+        self.renamed_a: dict[str, str] = {}  # A's outputs that a switch now takes over
+        self.added: list[tuple[float, onnx.NodeProto]] = []  # (position key, node)
+
+    def add(self, g: int, tensors: list[str], nodes: list, inits: set[str]) -> None:
         suffix = f"__sw{g}"
         mapping = {o: o + suffix for n in nodes for o in n.output if o}
         for name in inits:
             mapping[name] = name + "__swb"
-            if name not in taken_inits:
-                taken_inits.add(name)
+            if name not in self.copied:
+                self.copied.add(name)
                 copy = onnx.TensorProto()
-                copy.CopyFrom(inits_b[name])
+                copy.CopyFrom(self.inits_b[name])
                 copy.name = name + "__swb"
-                graph.initializer.append(copy)
-        then_nodes = []
-        for node in sorted(nodes, key=lambda n: order_b[id(n)]):
+                self.graph.initializer.append(copy)
+        moved = []
+        for node in sorted(nodes, key=lambda n: self.order_b[id(n)]):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = (node.name or node.op_type) + suffix
             copy.input[:] = [mapping.get(i, i) for i in node.input]
             copy.output[:] = [mapping.get(o, o) for o in node.output]
-            then_nodes.append(copy)
-        anchor = max(producer_index.get(t, -1) for t in tensors)
+            moved.append(copy)
         for t in tensors:
-            renamed_a[t] = t + "__swa"
-        cond = f"{SWITCH}_is{g}"
-        const = helper.make_tensor(f"{SWITCH}_{g}", onnx.TensorProto.INT64, [], [g])
-        graph.initializer.append(const)
-        equal = helper.make_node("Equal", [SWITCH, const.name], [cond], name=cond)
-        then_branch = helper.make_graph(
-            then_nodes, f"moved{g}", [], [_info(mapping[t], t, elem_types) for t in tensors]
-        )
-        else_nodes = [
+            self.renamed_a[t] = t + "__swa"
+        kept = [
             helper.make_node("Identity", [t + "__swa"], [t + "__swe"], name=f"{t}__swe{g}")
             for t in tensors
         ]
+        then_branch = helper.make_graph(moved, f"moved{g}", [], self._outs(tensors, mapping))
         else_branch = helper.make_graph(
-            else_nodes, f"kept{g}", [], [_info(t + "__swe", t, elem_types) for t in tensors]
+            kept, f"kept{g}", [], self._outs(tensors, {t: t + "__swe" for t in tensors})
         )
+        cond = f"{SWITCH}_is{g}"
+        const = helper.make_tensor(f"{SWITCH}_{g}", onnx.TensorProto.INT64, [], [g])
+        self.graph.initializer.append(const)
+        equal = helper.make_node("Equal", [SWITCH, const.name], [cond], name=cond)
         switch = helper.make_node(
             "If", [cond], list(tensors), name=f"{SWITCH}{g}",
             then_branch=then_branch, else_branch=else_branch,
         )  # fmt: skip
-        added += [(anchor + 0.5, equal), (anchor + 0.5, switch)]
-    for node in graph.node:
-        node.output[:] = [renamed_a.get(o, o) for o in node.output]
-    nodes = [(float(i), n) for i, n in enumerate(graph.node)] + added
-    sorted_nodes = _topological(nodes, {i.name for i in graph.input} | _init_names(graph))
-    del graph.node[:]
-    graph.node.extend(sorted_nodes)
-    _merge_opsets(merged, b)
-    return merged, switchable
+        anchor = max(self.producer_index.get(t, -1) for t in tensors) + 0.5
+        self.added += [(anchor, equal), (anchor, switch)]
+
+    def _outs(self, tensors: list[str], names: dict[str, str]) -> list[onnx.ValueInfoProto]:
+        return [_info(names[t], t, self.elem_types) for t in tensors]
+
+    def finish(self, b: onnx.ModelProto) -> onnx.ModelProto:
+        graph = self.graph
+        for node in graph.node:
+            node.output[:] = [self.renamed_a.get(o, o) for o in node.output]
+        nodes = [(float(i), n) for i, n in enumerate(graph.node)] + self.added
+        ordered = _topological(nodes, {i.name for i in graph.input} | _init_names(graph))
+        del graph.node[:]
+        graph.node.extend(ordered)
+        _merge_opsets(self.model, b)
+        return self.model
 
 
 def _info(name: str, like: str, elem_types: dict[str, int]) -> onnx.ValueInfoProto:
