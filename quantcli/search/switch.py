@@ -112,12 +112,12 @@ def merge(
     merger = _Merger(a, b, elem_types)
     switchable = []
     for g, tensors in enumerate(points):
-        cut = tensors and _slice(tensors, merger.producer_b, merger.inits_b, original,
-                                 merger.produced_a)  # fmt: skip
-        ok = bool(cut and tensors) and not any(t in merger.renamed_a for t in tensors or ())
-        if ok:
-            merger.add(g, tensors or [], *cut)  # type: ignore[misc]
-        switchable.append(ok)
+        cut = None
+        if tensors and not any(t in merger.renamed_a for t in tensors):  # each tensor once
+            cut = _slice(tensors, merger.producer_b, merger.inits_b, original, merger.produced_a)
+        if tensors and cut is not None:
+            merger.add(g, tensors, *cut)
+        switchable.append(cut is not None)
     return merger.finish(b), switchable
 
 
