@@ -326,7 +326,9 @@ def section(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def render(results: list[dict[str, Any]], tune: dict[str, Any] | None) -> str:
+def render(
+    results: list[dict[str, Any]], tune: dict[str, Any] | None, arm: Path | None = None
+) -> str:
     kinds = ", ".join(host_kind(r["meta"]) for r in results)
     lines = [
         "# Benchmarks: quantcli vs ONNX Runtime's quantizer",
@@ -347,6 +349,14 @@ def render(results: list[dict[str, Any]], tune: dict[str, Any] | None) -> str:
     ]
     for res in results:
         lines += section(res)
+    if arm is not None:
+        import arm64
+
+        lines += [
+            "## Host kind arm64-dotprod (emulated: accuracy only)",
+            "",
+            arm64.render(arm),
+        ]
     if tune:
         lines += ["## How ort-tuned was chosen", "", *tuning(tune)]
     return "\n".join(lines).rstrip() + "\n"
@@ -356,6 +366,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+", help="one results file per host kind")
     ap.add_argument("--tuning", type=Path, nargs="*", help="results of `run.py --tune`")
+    ap.add_argument("--arm64", type=Path, help="results of `arm64.py run` (accuracy on ARM64)")
     ap.add_argument("-o", "--out", type=Path, help="Markdown file (default: stdout)")
     args = ap.parse_args()
     results = [json.loads(p.read_text()) for p in args.results if not p.stem.endswith("-quick")]
@@ -363,7 +374,7 @@ def main() -> None:
     for path in args.tuning or []:  # later files win per model
         part = json.loads(path.read_text())
         tune = part if tune is None else tune | {"models": tune["models"] | part["models"]}
-    text = render(results, tune)
+    text = render(results, tune, args.arm64)
     if args.out:
         args.out.write_text(text)
     else:
