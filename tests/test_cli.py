@@ -233,3 +233,27 @@ def test_compare_says_slower_when_the_quantized_model_is_slower() -> None:
         render(doc)
     text = captured.get()
     assert "2.00x slower" in text and "faster" not in text
+
+
+def test_a_terminated_tune_leaves_no_work_folder_behind(tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout, a killed job) unwinds like an error: the search's temporary
+    folder and half-written files go, and the exit code says it was terminated."""
+    import signal
+    import time
+
+    s = sample("digits_cnn")
+    out = tmp_path / "t.onnx"
+    args = [_script(), "tune", str(s.model), "--data", str(s.calib), "--eval", str(s.eval)]
+    args += ["--min-cosine", "0.999999", "--runs", "5", "-o", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".quantcli-tune-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".quantcli-tune-*")), "the search never started"
+    time.sleep(1.0)  # inside the search
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert not list(tmp_path.glob(".quantcli-tune-*"))
+    assert not out.exists()

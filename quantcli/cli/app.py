@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated, Any
 
@@ -77,5 +78,12 @@ app.command("compare")(compare_cmd.compare)
 app.command("tune")(tune_cmd.tune)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # SystemExit unwinds like an exception: temp files and work folders are removed on the
+    # way out (a CI job's timeout or a killed benchmark sends SIGTERM, not Ctrl-C).
+    sys.exit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()
