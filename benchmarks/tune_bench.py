@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,8 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec, f = SPECS[name], files(args.cache, name)
     out = args.cache / "out" / name / "tune" / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.iterdir():
-        old.unlink()
+    for old in out.parent.iterdir():  # a killed search may have left its work folder
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     cmd = [sys.executable, "-m", "quantcli", "tune", str(f.model), "--data", str(f.calib)]
     cmd += ["--eval", str(f.eval), *BUDGETS[name], "-o", str(out), "--json"]
     cmd += ["--time-budget", str(args.time_budget), "--threads", "1", "--write-best"]
