@@ -172,6 +172,15 @@ def test_an_interrupted_search_resumes_to_the_same_result(cli: Cli, tmp_path: Pa
     assert accuracy_path(resumed) == accuracy_path(whole)
 
 
+def test_a_saved_search_resumes_only_with_the_same_setup(cli: Cli, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.onnx"
+    _tune(cli, cut, "--min-cosine", "0.99995", "--max-trials", "3", code=1)
+    other = _tune(cli, cut, "--min-cosine", "0.9999", "--max-trials", "3", code=1)
+    assert all(t["seconds"] > 0 for t in other["trials"])  # another budget: nothing reused
+    again = _tune(cli, cut, "--min-cosine", "0.9999", "--max-trials", "4", code=1)
+    assert sum(1 for t in again["trials"] if t["seconds"] == 0) == 3  # more trials: reused
+
+
 def test_budgets_that_cannot_be_measured_are_refused(cli: Cli, tmp_path: Path) -> None:
     sample_enc = ["tune", ENCODER.model, "--data", ENCODER.calib, "--eval", ENCODER.calib]
     line = cli.fails(*sample_enc, "--max-drop", "1", "-o", tmp_path / "o.onnx")

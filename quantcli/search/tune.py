@@ -21,6 +21,7 @@ winner is written with a recipe that `convert --recipe` replays byte for byte.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
@@ -109,7 +110,7 @@ class _Search:
     def __init__(self, model: Path, config: TuneConfig, evaluator: Evaluator, table, calib,
                  space, workdir: Path, state: Path, progress: Progress | None,
                  remote: RemoteScorer | None = None,
-                 started: float | None = None) -> None:  # fmt: skip
+                 started: float | None = None, setup: str = "") -> None:  # fmt: skip
         self.model, self.config, self.evaluator, self.calib = model, config, evaluator, calib
         self.remote = remote
         self.remote_trials = 0  # ranking trials scored on the cluster
@@ -120,6 +121,9 @@ class _Search:
         self.trials: list[Trial] = []
         self.known: dict[tuple[str, Assignment, bool], Trial] = {}
         self.started = time.monotonic() if started is None else started  # calibration too
+        # What the trials' scores depend on besides the model (the search's bounds do not).
+        bounds = replace(config, max_trials=1, time_budget=None)
+        self.setup = hashlib.sha256(f"{bounds!r} {setup}".encode()).hexdigest()
         self.stopped = "search finished"
         self.build_s = 0.0  # how long building a candidate takes
         self._load_state()
@@ -146,6 +150,8 @@ class _Search:
         doc = json.loads(self.state.read_text())
         if doc.get("fingerprint") != model_fingerprint(self.model):
             return  # another model: start afresh (the file is rewritten)
+        if doc.get("setup") != self.setup:
+            return  # another budget, batch, metric or data: its scores do not apply
         for t in doc.get("trials", []):
             trial = Trial(
                 t["stage"], tuple(t["assignment"]), t["formats"], t["score"], t["passed"],
@@ -157,6 +163,7 @@ class _Search:
     def _save_state(self) -> None:
         doc = {
             "fingerprint": model_fingerprint(self.model),
+            "setup": self.setup,
             "trials": [t.to_dict() for t in self.trials],
         }
         tmp = self.state.with_name(self.state.name + ".tmp")
@@ -527,7 +534,7 @@ def tune_file(
         evaluator = Evaluator(Path(model_path), evaluation, config.gates, cfg, workdir / "float")
         search = _Search(
             Path(model_path), config, evaluator, table, calib, space, workdir, state, progress,
-            remote, started,
+            remote, started, f"{data_spec} {eval_spec} {labels is not None}",
         )  # fmt: skip
         # The winner is written with the candidates' weights: the pair-safe search is
         # most of an LM's conversion time.
