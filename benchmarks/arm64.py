@@ -135,12 +135,14 @@ def run(args: argparse.Namespace) -> None:
         "models": {},
     }
     out_path = args.out or REPO / "benchmarks" / "results" / f"arm64-{kind}.json"
+    if out_path.exists():  # models run apart (emulation is slow) join one file
+        res["models"] = json.loads(out_path.read_text())["models"]
     for name in args.models.split(","):
         spec, f = SPECS[name], files(args.cache, name)
         data = dict(np.load(f.eval))
         ref = outputs(open_session(f.model, 1), data, spec.task)
         entry: dict[str, Any] = {"title": spec.title, "task": spec.task, "contenders": {}}
-        for who in CONTENDERS:
+        for who in args.contenders.split(","):
             path = args.cache / "out" / name / who / "model.onnx"
             if not path.exists():
                 continue
@@ -195,6 +197,7 @@ def main() -> None:
     sub.add_parser("setup")
     r = sub.add_parser("run")
     r.add_argument("--models", default=",".join(MODELS))
+    r.add_argument("--contenders", default=",".join(CONTENDERS))
     r.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     r.add_argument("--out", type=Path)
     r.add_argument("--allow-dirty", action="store_true")
