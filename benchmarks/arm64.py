@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
         data = dict(np.load(f.eval))
         ref = outputs(open_session(f.model, 1), data, spec.task)
         entry: dict[str, Any] = {"title": spec.title, "task": spec.task, "contenders": {}}
+        entry["commit"] = code["commit"]  # this model's run (models may run apart)
         for who in args.contenders.split(","):
             path = args.cache / "out" / name / who / "model.onnx"
             if not path.exists():
