@@ -427,21 +427,26 @@ class _Search:
     def rank(self, current: Trial, subset: list[int]) -> list[int]:
         """Groups by how much one rung towards float helps on the worst samples: by the
         rise of the output SQNR there (continuous, where a top-1 count on 64 samples is
-        coarse), then by the budget's own shortfall; moves that hurt the budget are out."""
+        coarse), then by the budget's own shortfall; moves that did not help come last."""
         moves = [(i, self.space.step(current.assignment, i)) for i in range(len(self.space.groups))]
         moves = [(i, m) for i, m in moves if m is not None]
         self.switched_trials(current.assignment, moves, subset)  # one session, here
         base = self.trial("rank", current.assignment, subset)
         scored = self.ranking_trials([m for _, m in moves], subset)
-        gains = []
+        gains, rest = [], []
         for (i, _), trial in zip(moves, scored, strict=True):
             if trial is None:
                 continue
             err_gain = shortfall(base) - shortfall(trial)
             sqnr_gain = sqnr(trial) - sqnr(base)
-            if err_gain > 0 or (err_gain == 0 and sqnr_gain > 0):
-                gains.append((sqnr_gain, err_gain, i))
-        return [i for _, _, i in sorted(gains, key=lambda g: (-g[0], -g[1], g[2]))]
+            helps = err_gain > 0 or (err_gain == 0 and sqnr_gain > 0)
+            (gains if helps else rest).append((sqnr_gain, err_gain, i))
+        # The moves that did not help on the ranking samples come last, in the same order:
+        # alone they may not show on a few samples (or in runs of another batch size) and
+        # still be what the full set needs once the helpful ones are not enough.
+        order = sorted(gains, key=lambda g: (-g[0], -g[1], g[2]))
+        order += sorted(rest, key=lambda g: (-g[0], -g[1], g[2]))
+        return [i for _, _, i in order]
 
     def speed_pass(self) -> None:
         """One rung either way per group from the fastest fitting candidate. Back towards
