@@ -208,12 +208,13 @@ def render(res: dict[str, Any], ort: dict[str, Any] | None, ort_path: str) -> st
     )
     lines = [
         f"Measured on `{meta.get('host_kind', '?')}` ({meta['machine']['cpu']}, "
-        f"{meta['machine']['cores']} cores), quantcli at {str(code.get('commit', '?'))[:10]}, "
-        f"{meta['date']}: `{meta['command'].split('/')[-1]}`. Each search runs as the CLI in "
-        "its own process (the commands are below the table); the winner, NNCF's "
-        "model and ONNX Runtime's best are then measured alike: task metrics on the "
-        "evaluation set, latency as the median of interleaved runs against float "
-        "(speed = float time / model time). "
+        f"{meta['machine']['cores']} cores), quantcli at {str(code.get('commit', '?'))[:10]} "
+        f"(each row names its own run's), {meta['date']}: "
+        f"`{meta['command'][meta['command'].find('tune_bench.py') :]}`. "
+        "Each search runs as the CLI in its own process (the commands are below the "
+        "table); the winner, NNCF's model and ONNX Runtime's best are then measured "
+        "alike: task metrics on the evaluation set, latency as the median of interleaved "
+        "runs against float (speed = float time / model time). "
         + (
             f"ONNX Runtime's best is from `{ort_path}` (commit "
             f"{str(ort['meta'].get('code', {}).get('commit', '?'))[:10]})."
