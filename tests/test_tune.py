@@ -237,3 +237,12 @@ def test_the_search_scores_in_the_given_batches(cli: Cli, tmp_path: Path) -> Non
         assert default["score"]["summary"]["cosine_min"] == compared["cosine_min"]
         scores[batch] = compared["cosine_min"]
     assert scores["1"] != scores["8"]  # the batching does change a dynamic model's output
+
+
+def test_the_time_budget_stops_the_search_and_says_so(cli: Cli, tmp_path: Path) -> None:
+    """Calibration alone outlasts a 1 s budget: the default is scored (the one trial a
+    search always makes) and nothing more; nothing fits, so nothing is written."""
+    doc = _tune(cli, tmp_path / "t.onnx", "--min-cosine", "0.99995", "--time-budget", "1", code=1)
+    assert doc["stopped"] == "--time-budget 1 s reached"
+    assert [t["stage"] for t in doc["trials"]] == ["default"]
+    assert not (tmp_path / "t.onnx").exists()
