@@ -46,6 +46,7 @@ from quantcli.graph.io import check_model_path, check_output_path, load_model, s
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.int8.config import Int8Config
 from quantcli.quantize.int8.pipeline import gram_inputs, quantize_int8
+from quantcli.quantize.int8.plan import build_plan
 from quantcli.quantize.int8.prepare import prepare_for_int8
 from quantcli.quantize.int8.recipe import Recipe
 from quantcli.quantize.math.affine import reusing_weights
@@ -204,7 +205,7 @@ class _Search:
         prepared, _ = prepare_for_int8(load_model(self.model).model, self.config.base)
         for assignment in (current, stepped):
             config = self.config_for(assignment)
-            if prepare_for_int8(prepared, config)[1].empty:  # all float: the model itself
+            if build_plan(prepared, config).empty:  # all float: the model itself
                 protos.append(ir.serde.serialize_model(prepared))
                 continue
             self._extend_table(config)
