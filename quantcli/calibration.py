@@ -9,7 +9,7 @@ from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.runner import Progress
 from quantcli.calibrate.table import CalibrationTable
 from quantcli.data import DataSource, ImageOptions, open_data
-from quantcli.graph.io import load_model
+from quantcli.graph.mapped import MAP_ABOVE, load_model_mapped
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.detect import check_not_quantized
 from quantcli.quantize.int8.config import Int8Config
@@ -27,7 +27,7 @@ def calibrate_file(
     progress: Progress | None = None,
 ) -> tuple[CalibrationTable, DataSource]:
     """Calibrate exactly the tensors that INT8 conversion with `int8` would quantize."""
-    loaded = load_model(model_path)
+    loaded = load_model_mapped(model_path, above=MAP_ABOVE)
     check_not_quantized(loaded.model)
     data = open_data(
         data_spec,

@@ -16,9 +16,9 @@ from quantcli.graph.io import (
     check_model_path,
     check_output_path,
     file_size,
-    load_model,
     save_model,
 )
+from quantcli.graph.mapped import MAP_ABOVE, load_model_mapped
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.int8.config import Int8Config
 from quantcli.validate import output_validator
@@ -91,7 +91,7 @@ def convert_int8_file(
     check_model_path(Path(model_path))  # a missing input is the first thing to say
     sources = [model_path, *(Path(p) for p in (data_spec, table_path) if p)]
     check_output_path(output, inputs=sources, force=force)
-    loaded = load_model(model_path)
+    loaded = load_model_mapped(model_path, above=MAP_ABOVE)  # large weights stay in the file
     calibration = calibration or CalibrationConfig()
     data = None
     if data_spec:
@@ -142,7 +142,6 @@ def convert_int4_file(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConvertSummary:
-    from quantcli.graph.mapped import load_model_mapped
     from quantcli.quantize.detect import check_not_quantized
     from quantcli.quantize.int4.convert import quantize_int4
 

@@ -12,12 +12,13 @@ import pytest
 from conftest import Tiny, run_ort
 from int4_models import fp16_lm, shared_weight, tiny_lm
 
+from quantcli.calibrate.segments import SegmentRunner
 from quantcli.convert import convert_int4_file
 from quantcli.data import open_data
 from quantcli.graph.passes import prepare_model
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.int4 import calib as int4_calib
-from quantcli.quantize.int4.calib import Accumulator, SegmentRunner, plan_segments
+from quantcli.quantize.int4.calib import Accumulator, plan_segments
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int4.formats import quantize_int8_blocks
 from quantcli.quantize.int4.plan import plan_units
@@ -187,7 +188,7 @@ def test_segmented_statistics_equal_one_pass(tmp_path: Path) -> None:
     spec = [(h, 64 if "gu" in h else 32, consumers[h]) for h in names]
     data = open_data(str(npz), input_specs(model))
     split, whole = Accumulator(), Accumulator()
-    runner = SegmentRunner(model, data, 4, None)
+    runner = SegmentRunner(model, data, 4)
     segments = plan_segments(model, spec, [], budget=1)
     assert len(segments) > 3
     for seg in segments:
@@ -203,7 +204,7 @@ def test_segmented_statistics_equal_one_pass(tmp_path: Path) -> None:
             whole.add(n, values[n])
 
     data = open_data(str(npz), input_specs(model))
-    SegmentRunner(model, data, 4, None).run(names, add_all)
+    SegmentRunner(model, data, 4).run(names, add_all)
     assert set(split.hessians) == set(names)
     for name in names:
         np.testing.assert_allclose(split.hessians[name], whole.hessians[name], rtol=1e-6)

@@ -2,6 +2,9 @@
 
 Memory is bounded by the model, one batch of activations and a fixed-size state per
 tensor: activations are folded into the statistics and dropped, whatever the sample count.
+A model whose weights exceed `SEGMENT_ABOVE` runs one segment at a time instead
+(`segments.py`): one segment's weights are resident, not a whole second copy in ONNX
+Runtime beside our mapped file.
 """
 
 from __future__ import annotations
@@ -15,12 +18,23 @@ import onnx_ir as ir
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.calibrate.config import CalibrationConfig
 from quantcli.calibrate.observers import TensorStats
+from quantcli.calibrate.segments import (
+    SegmentRunner,
+    frontier,
+    producer_positions,
+    weight_segments,
+)
 from quantcli.calibrate.table import CalibrationTable, model_fingerprint
 from quantcli.data import DataSource
 from quantcli.errors import DataError, InputError
+from quantcli.graph.io import weights_bytes
+from quantcli.graph.mapped import release_external
+from quantcli.memory import trim_heap
 from quantcli.runtime import session_for_model
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
+SEGMENT_ABOVE = 256_000_000  # bytes of weights above which calibration runs by segments
+SEGMENT_WEIGHTS = 64 << 20  # bytes of weights per segment
 
 
 def run_exposed(
@@ -57,10 +71,12 @@ def collect_stats(
     provider: str = "cpu",
     channel_axes: dict[str, int] | None = None,
     gram: Collection[str] = (),
+    segment_weights: int | None = None,
 ) -> tuple[dict[str, TensorStats], dict[str, ChannelStats]]:
     """Streaming statistics of `tensors` (intermediate values of `model`) over all of `data`,
     and per-channel statistics of those named in `channel_axes` (with x x^T sums for those
-    also in `gram`)."""
+    also in `gram`). `segment_weights`: run by segments of that many weight bytes (default:
+    `SEGMENT_WEIGHTS` when the model's weights exceed `SEGMENT_ABOVE` on the CPU)."""
     stats = {name: TensorStats() for name in tensors}
     channels = {
         name: ChannelStats(axis, track_gram=name in gram)
@@ -76,8 +92,58 @@ def collect_stats(
                 channels[name].update(array)
 
     exposed = tensors + [t for t in channels if t not in stats]  # shared-scale inputs too
-    run_exposed(model, exposed, data, update, batch_size, progress, provider)
+    if segment_weights is None and provider == "cpu" and weights_bytes(model) > SEGMENT_ABOVE:
+        segment_weights = SEGMENT_WEIGHTS
+    if segment_weights is None:
+        run_exposed(model, exposed, data, update, batch_size, progress, provider)
+    else:
+        run_segmented(model, exposed, data, update, batch_size, progress, segment_weights)
     return stats, channels
+
+
+def run_segmented(
+    model: ir.Model,
+    tensors: list[str],
+    data: DataSource,
+    on_batch: Callable[[dict[str, np.ndarray], range], None],
+    batch_size: int,
+    progress: Progress | None,
+    budget: int,
+) -> None:
+    """Like `run_exposed`, one segment of about `budget` weight bytes at a time: each batch
+    is handed to `on_batch` once per segment, with the tensors that segment computes."""
+    if not tensors:
+        run_exposed(model, tensors, data, on_batch)  # raises the usual error
+    where = producer_positions(model)
+    missing = [t for t in tensors if t not in where]
+    if missing:
+        raise InputError(f"tensor '{missing[0]}' is not in the model")
+    nodes = list(model.graph)
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    ranges = weight_segments(model, budget) if len(pos) == len(nodes) else [(0, len(nodes))]
+    runner = SegmentRunner(model, data, batch_size)
+    steps, step = len(ranges) * len(runner.cache), 0
+    try:
+        for i, (start, end) in enumerate(ranges):
+            outputs = [t for t in tensors if start <= where[t] < end or (i == 0 and where[t] < 0)]
+            last = i + 1 == len(ranges)
+            keep = None if last else frontier(model, nodes, pos, end)
+            batch = iter(runner.indices)
+
+            def update(values: dict[str, np.ndarray], outputs=outputs, batch=batch) -> None:
+                nonlocal step
+                indices = next(batch)
+                if outputs:
+                    on_batch({t: values[t] for t in outputs}, indices)
+                step += 1
+                if progress:
+                    progress(data.num_samples * step // steps, data.num_samples)
+
+            runner.run(outputs, update, keep=keep)
+            release_external(model)
+            trim_heap()
+    finally:
+        runner.close()
 
 
 class _exposed:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.calibrate.methods import choose_range
@@ -28,13 +27,15 @@ SCHEMA = "quantcli.calibration/1"
 
 def model_fingerprint(path: Path) -> str:
     """sha256 of the model file and its external data files, streamed."""
+    from quantcli.graph.mapped import model_structure
+
     digest = hashlib.sha256()
-    proto = onnx.load(str(path), format="protobuf", load_external_data=False)
+    proto = model_structure(path)  # not onnx.load: that holds every weight in memory
     files = [path]
     locations = set()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
-            if entry.key == "location":
+            if entry.key == "location" and entry.value != path.name:
                 locations.add(entry.value)
     files += [path.parent / loc for loc in sorted(locations)]
     for file in files:

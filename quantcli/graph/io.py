@@ -26,6 +26,7 @@ KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.
 PROTOBUF = "protobuf"
 # Above this many bytes of weights, outputs are written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+_IN_FLIGHT_BYTES = 64 << 20  # onnx-ir's save reads at most this much ahead
 
 
 @dataclass
@@ -179,23 +180,43 @@ def save_model(
     output = Path(output)
     check_output_path(output, inputs=inputs or [], force=force)
     external = external_data or weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if not external:
-        _internalize(model)
-    data_name = output.name + ".data" if external else None
+    data_name = output.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
+        # Staged with external data even for a single-file output: weights stream to disk
+        # instead of through one protobuf and its bytes, and ONNX Runtime validates it
+        # without another copy; a single file is then joined from it (`single_file.py`).
         staged = tmp / output.name
-        ir.save(model, staged, format=PROTOBUF, external_data=data_name)
+        ir.save(
+            model,
+            staged,
+            format=PROTOBUF,
+            external_data=data_name,
+            max_in_flight_bytes=_IN_FLIGHT_BYTES,
+        )
         if validate is not None:
             validate(staged)
-        if data_name:
+        if external:
             os.replace(tmp / data_name, output.parent / data_name)
-        os.replace(staged, output)
+            os.replace(staged, output)
+        else:
+            _join(model, staged, data_name, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _join(model: ir.Model, staged: Path, data_name: str, output: Path) -> None:
+    """Write the single-file form of a validated staged pair, then rename it into place."""
+    from quantcli.graph.single_file import join_external
+
+    joined = staged.with_name(staged.name + ".joined")
+    if not join_external(staged, data_name, joined):  # weights outside the main graph
+        _internalize(model)
+        ir.save(model, joined, format=PROTOBUF)
+    os.replace(joined, output)
 
 
 def _internalize(model: ir.Model) -> None:

@@ -13,6 +13,7 @@ to `graph.io.load_model`.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -24,15 +25,20 @@ from quantcli.errors import ModelError
 from quantcli.graph.io import LoadedModel, _check_domains, check_model_path, load_model
 
 MIN_MAPPED = 4096  # bytes: smaller tensors stay inline
+# INT8 maps a model only above this: ONNX Runtime gets a mapped model through a temporary
+# file, and a small model is cheaper handed over as bytes.
+MAP_ABOVE = 64_000_000
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 _LEN = 2
 
 
-def load_model_mapped(path: str | os.PathLike) -> LoadedModel:
-    """Like `load_model`, with a single-file model's large weights left in the file."""
+def load_model_mapped(path: str | os.PathLike, above: int = 0) -> LoadedModel:
+    """Like `load_model`, with a single-file model's large weights left in the file (when
+    the file is over ``above`` bytes: a small model is cheaper to hold than to map)."""
     path = Path(path)
     check_model_path(path)
-    if path.stat().st_nlink > 1:  # onnx-ir refuses to map hard-linked data files
+    # onnx-ir refuses to map hard-linked data files
+    if path.stat().st_nlink > 1 or path.stat().st_size <= above:
         return load_model(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -60,6 +66,19 @@ def load_model_mapped(path: str | os.PathLike) -> LoadedModel:
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return LoadedModel(model=model, path=path, size_bytes=path.stat().st_size)
+
+
+def model_structure(path: Path) -> onnx.ModelProto:
+    """The model's protobuf without reading its large inline weights (they become references
+    to the file itself; external data entries are kept as written)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stripped, _ = _strip(buf, path.name)
+    except (ValueError, IndexError):  # an empty or unusual file: the plain reader decides
+        return onnx.load(str(path), format="protobuf", load_external_data=False)
+    proto = onnx.ModelProto()
+    proto.ParseFromString(stripped)
+    return proto
 
 
 def _for_checker(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -173,3 +192,17 @@ def _strip_tensor(buf: mmap.mmap, start: int, end: int, location: str) -> bytes 
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return tensor.SerializeToString()
+
+
+def release(value: ir.Value) -> None:
+    """Unmap an external weight (mapped again on next use), so its pages leave our RSS."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still alive: kept mapped
+            tensor.release()
+
+
+def release_external(model: ir.Model) -> None:
+    """Unmap every memory-mapped initializer: pages a segment touched leave our RSS."""
+    for value in model.graph.initializers.values():
+        release(value)

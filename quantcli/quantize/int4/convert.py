@@ -17,17 +17,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from quantcli.calibrate.segments import SegmentRunner
 from quantcli.data import DataSource
 from quantcli.errors import InputError
 from quantcli.graph.build import MS_DOMAIN, Namer
+from quantcli.graph.mapped import release_external
 from quantcli.graph.passes import prepare_model
 from quantcli.graph.passes.opset import default_opset
-from quantcli.quantize.int4.calib import (
-    Accumulator,
-    SegmentRunner,
-    plan_segments,
-    release_external,
-)
+from quantcli.quantize.int4.calib import Accumulator, plan_segments
 from quantcli.quantize.int4.config import Int4Config, Int4Result, UnitResult
 from quantcli.quantize.int4.formats import (
     Choice,
@@ -331,34 +328,37 @@ def _run_segments(
             index_of[ctx.node(table.node).inputs[1].name] = table.shape[1]
     segments = plan_segments(model, [(h, k_of[h], consumers[h]) for h in per_input], list(index_of))
     needed = [{ctx.node(c.node).inputs[0].name for c in u.members} for u in units]
-    runner = SegmentRunner(model, data, batch_size, None)
+    runner = SegmentRunner(model, data, batch_size)
     acc = Accumulator()
     finished: set[int] = set()
     pending = {i for i in range(len(units))}
-    for j, seg in enumerate(segments):
+    try:
+        for j, seg in enumerate(segments):
 
-        def update(values: dict[str, np.ndarray], seg=seg) -> None:
-            for name in seg.inputs:
-                acc.add(name, values[name])
-            for name in seg.indices:
-                acc.add_indices(name, values[name], index_of[name])
+            def update(values: dict[str, np.ndarray], seg=seg) -> None:
+                for name in seg.inputs:
+                    acc.add(name, values[name])
+                for name in seg.indices:
+                    acc.add_indices(name, values[name], index_of[name])
 
-        keep = None if sequential else seg.frontier
-        runner.run([*seg.inputs, *seg.indices], update, keep=keep)
-        complete = set(acc.hessians)
-        for i in sorted(pending):
-            needs = needed[i]
-            if needs and needs <= complete:
-                on_unit(i, acc)
-                finished.add(i)
-        pending -= finished
-        still = set().union(*(needed[i] for i in pending)) if pending else set()
-        acc.drop([h for h in list(acc.hessians) if h not in still])
-        release_external(model)
-        if sequential:
-            runner.run([], lambda values: None, keep=seg.frontier)
-        if progress:
-            progress(j + 1, len(segments))
+            keep = None if sequential else seg.frontier
+            runner.run([*seg.inputs, *seg.indices], update, keep=keep)
+            complete = set(acc.hessians)
+            for i in sorted(pending):
+                needs = needed[i]
+                if needs and needs <= complete:
+                    on_unit(i, acc)
+                    finished.add(i)
+            pending -= finished
+            still = set().union(*(needed[i] for i in pending)) if pending else set()
+            acc.drop([h for h in list(acc.hessians) if h not in still])
+            release_external(model)
+            if sequential:
+                runner.run([], lambda values: None, keep=seg.frontier)
+            if progress:
+                progress(j + 1, len(segments))
+    finally:
+        runner.close()
     for i in sorted(pending):  # tables without a MatMul (untied embeddings)
         on_unit(i, acc)
 

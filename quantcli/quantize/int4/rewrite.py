@@ -3,7 +3,6 @@ DequantizeLinear(int4) -> MatMul, or GatherBlockQuantized for embedding tables."
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -12,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
+from quantcli.graph.mapped import release
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int4.formats import (
     Choice,
@@ -158,14 +158,6 @@ def _by_columns(w: np.ndarray, quantize: Callable[[np.ndarray], object]) -> obje
         k=first.k,
         symmetric=first.symmetric,
     )
-
-
-def release(value: ir.Value) -> None:
-    """Unmap an external weight nobody reads any more, so its pages leave our RSS."""
-    tensor = value.const_value
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):  # a view of it is still alive: kept mapped
-            tensor.release()
 
 
 def _float_dtype(value: ir.Value) -> np.dtype:

@@ -8,16 +8,22 @@ com.microsoft.DynamicQuantizeMatMul.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer
+from quantcli.graph.mapped import release
+from quantcli.memory import trim_heap
 from quantcli.quantize.int8.siblings import FuseSiblingMatMulsPass
 from quantcli.quantize.math.affine import quantize_weight
 
 _ONNX = ("", "ai.onnx")
+# A node's input x x^T sums, made when its weight is quantized (they are large unpacked).
+GramSource = Callable[[], np.ndarray | None]
+Importance = dict[str, tuple[np.ndarray, GramSource]]
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class _Rewriter:
         graph: ir.Graph,
         weights: DynamicWeights,
         fused: bool,
-        importance: dict[str, tuple[np.ndarray, np.ndarray | None]],
+        importance: Importance,
     ) -> None:
         self.graph, self.format, self.fused = graph, weights, fused
         self.importance = importance
@@ -116,10 +122,11 @@ class _Rewriter:
         key = id(target.node.inputs[1])
         if key not in self.weights:
             base = target.node.inputs[1].name or "weight"
-            imp, gram = self.importance.get(target.node.name or "", (None, None))
+            imp, source = self.importance.get(target.node.name or "", (None, None))
             k = target.weight.shape[0]
-            if imp is None or imp.shape != (k,):
-                imp = gram = None
+            gram = None if imp is None or imp.shape != (k,) or source is None else source()
+            if imp is not None and imp.shape != (k,):
+                imp = None
             if gram is not None and gram.shape != (k, k):
                 gram = None
             q, scale = self.format.quantize(target.weight, imp, gram)
@@ -176,11 +183,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         weights: DynamicWeights | None = None,
         fused: bool = True,
         nodes: frozenset[str] | None = None,
-        importance: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+        importance: Importance | None = None,
     ) -> None:
         super().__init__()
         self.weights, self.fused, self.nodes = weights or DynamicWeights(), fused, nodes
-        # node name -> (E[x^2] per input channel, x x^T sums or None)
+        # node name -> (E[x^2] per input channel, its x x^T sums when asked)
         self.importance = importance or {}
 
     def _chosen(self, node: ir.Node) -> bool:
@@ -190,17 +197,25 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         # MatMulInteger is opset 10, DynamicQuantizeLinear opset 11.
         if not self.fused and model.opset_imports.get("", 1) < 11:
             return ir.passes.PassResult(model, modified=False)
-        chosen = filter(self._chosen, model.graph)
-        targets = [t for t in map(_target, chosen) if t is not None]
         rewriter = _Rewriter(model.graph, self.weights, self.fused, self.importance)
-        float_weights = [t.node.inputs[1] for t in targets]
-        for target in targets:
+        float_weights = []
+        # One node at a time: a memory-mapped weight is unmapped as soon as it is replaced.
+        for node in [n for n in model.graph if self._chosen(n)]:
+            target = _target(node)
+            if target is None:
+                continue
+            weight = node.inputs[1]
+            float_weights.append(weight)
             rewriter.rewrite(target)
-        if targets and self.fused:
+            del target
+            if not weight.uses():
+                release(weight)
+            trim_heap()
+        if float_weights and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             FuseSiblingMatMulsPass()(model)
         _drop_unused(model.graph, float_weights)
-        return ir.passes.PassResult(model, modified=bool(targets))
+        return ir.passes.PassResult(model, modified=bool(float_weights))
 
 
 def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:

@@ -22,6 +22,8 @@ _STEPS = 8  # scale candidates between full 8-bit and plain rounding that is alr
 _TINY = np.float32(1e-12)
 _CHUNK = 256  # columns searched at once: bounds the [4, K, C] candidate arrays
 _GPTQ_BLOCK = 128  # rows rounded between two whole-matrix error updates
+_GPTQ_COLUMNS = 4096  # columns rounded at once
+_TS = np.linspace(0.0, 1.0, _STEPS)  # scale steps: full 8-bit (0) .. plain-safe (1)
 
 
 def as_columns(w: np.ndarray, out_axis: int | None) -> np.ndarray:
@@ -44,8 +46,14 @@ def pair_bound(q: np.ndarray, out_axis: int | None) -> np.ndarray:
 
     A channel is safe on every x86 kernel when its bound is at most PAIR_LIMIT.
     """
-    cols = as_columns(np.asarray(q), out_axis).astype(np.int64)
-    return np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
+    cols = as_columns(np.asarray(q), out_axis)
+    bound = np.empty(cols.shape[1], np.int64)
+    for i in range(0, cols.shape[1], _GPTQ_COLUMNS):  # slices: a 49k-column head is 28 MB
+        part = cols[:, i : i + _GPTQ_COLUMNS].astype(np.int16)  # |b| + |b'| <= 256
+        bound[i : i + _GPTQ_COLUMNS] = np.maximum(
+            _top2_sum(np.maximum(part, 0)), _top2_sum(np.maximum(-part, 0))
+        )
+    return bound
 
 
 def pair_safe_int8(
@@ -71,36 +79,59 @@ def pair_safe_int8(
     """
     w = np.asarray(w, np.float32)
     cols = as_columns(w, out_axis)
-    absmax = np.abs(cols).max(axis=0, initial=0.0)
-    worst = np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
-    if not per_channel:
-        absmax, worst = absmax.max(initial=0.0), worst.max(initial=0.0)
-    full = np.maximum(absmax / _QMAX, _TINY)
-    # At scale worst / 127 the two largest round to at most 128 together: always safe.
-    ratio = np.maximum(worst / _QMAX / full, 1.0)
-    ts = np.linspace(0.0, 1.0, _STEPS)
     imp = np.ones((cols.shape[0], 1), np.float32)
     if importance is not None:
         imp = np.asarray(importance, np.float32).reshape(-1, 1)
         imp = imp / max(float(imp.mean()), 1e-30)  # only the relative sizes matter
-    chunks = [slice(i, i + _CHUNK) for i in range(0, cols.shape[1], _CHUNK)]
     if per_channel:
-        parts = [_search(cols[:, c], full[c], ratio[c], ts, imp) for c in chunks]
-        q = np.concatenate([p[0] for p in parts], axis=1)
-        scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        if gram is not None and gram.shape != (cols.shape[0],) * 2:
+            gram = None
+        upper = None if gram is None else _inverse_factor(gram)
+        q = np.empty(cols.shape, np.int8)
+        scale = np.empty(cols.shape[1], np.float32)
+        # Columns are independent: slices bound the temporaries (a 49k-column LM head).
+        for c in (slice(i, i + _GPTQ_COLUMNS) for i in range(0, cols.shape[1], _GPTQ_COLUMNS)):
+            q[:, c], scale[c] = _per_channel(cols[:, c], imp, gram, upper)
     else:
         # One scale: the step with the least total error over all channels.
-        totals = sum(_errors(cols[:, c], full, ratio, ts, imp) for c in chunks)
-        t = ts[int(np.argmin(totals))] if np.isfinite(totals).all() else 1.0
+        absmax, worst = _absmax(cols).max(initial=0.0), _worst(cols).max(initial=0.0)
+        full = np.maximum(absmax / _QMAX, _TINY)
+        ratio = np.maximum(worst / _QMAX / full, 1.0)
+        chunks = [slice(i, i + _CHUNK) for i in range(0, cols.shape[1], _CHUNK)]
+        totals = sum(_errors(cols[:, c], full, ratio, _TS, imp) for c in chunks)
+        t = _TS[int(np.argmin(totals))] if np.isfinite(totals).all() else 1.0
         q = np.concatenate([_capped(cols[:, c], full * ratio**t, imp)[0] for c in chunks], axis=1)
         scale = np.float32(full * ratio**t)
-    if gram is not None and per_channel and gram.shape == (cols.shape[0],) * 2:
-        q = _better_of(cols, q, _gptq(cols, scale, gram), scale, gram)
     q = q.astype(np.int8)
     if out_axis is None:
         return q.reshape(w.shape), scale
     moved = np.moveaxis(w, out_axis, -1).shape
     return np.ascontiguousarray(np.moveaxis(q.reshape(moved), -1, out_axis)), scale
+
+
+def _absmax(cols: np.ndarray) -> np.ndarray:
+    return np.abs(cols).max(axis=0, initial=0.0)
+
+
+def _worst(cols: np.ndarray) -> np.ndarray:
+    """Per column, the larger sum of the two largest weights of one sign."""
+    return np.maximum(_top2_sum(np.maximum(cols, 0)), _top2_sum(np.maximum(-cols, 0)))
+
+
+def _per_channel(
+    cols: np.ndarray, imp: np.ndarray, gram: np.ndarray | None, upper: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """int8 columns and their scales, each column searched (and GPTQ-rounded) on its own."""
+    full = np.maximum(_absmax(cols) / _QMAX, _TINY)
+    # At scale worst / 127 the two largest round to at most 128 together: always safe.
+    ratio = np.maximum(_worst(cols) / _QMAX / full, 1.0)
+    chunks = [slice(i, i + _CHUNK) for i in range(0, cols.shape[1], _CHUNK)]
+    parts = [_search(cols[:, c], full[c], ratio[c], _TS, imp) for c in chunks]
+    q = np.concatenate([p[0] for p in parts], axis=1)
+    scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    if gram is not None:
+        q = _better_of(cols, q, _gptq(cols, scale, upper), scale, gram)
+    return q.astype(np.int8), scale
 
 
 def _capped(
@@ -163,20 +194,27 @@ def _errors(
     return np.array([_capped(cols, full * ratio**t, imp)[1].sum() for t in ts])
 
 
-def _gptq(cols: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Round rows one at a time, spreading each row's error over the rows not yet rounded
-    through the inverse Hessian's Cholesky factor, and keep every column pair-safe: a value
-    may reach 128 minus the largest value of its sign rounded so far (any two of one sign
-    then sum to at most 128)."""
-    k = cols.shape[0]
+def _inverse_factor(gram: np.ndarray) -> np.ndarray | None:
+    """Upper Cholesky factor of the dampened inverse Hessian (None: not invertible)."""
+    k = gram.shape[0]
     h = gram.astype(np.float64).copy()
     dead = np.diag(h) <= 0
     h[dead, :], h[:, dead] = 0.0, 0.0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += 0.01 * float(np.mean(np.diag(h)))
     try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of h^-1
+        return np.linalg.cholesky(np.linalg.inv(h)).T
     except np.linalg.LinAlgError:
+        return None
+
+
+def _gptq(cols: np.ndarray, scale: np.ndarray, upper: np.ndarray | None) -> np.ndarray:
+    """Round rows one at a time, spreading each row's error over the rows not yet rounded
+    through the inverse Hessian's Cholesky factor, and keep every column pair-safe: a value
+    may reach 128 minus the largest value of its sign rounded so far (any two of one sign
+    then sum to at most 128)."""
+    k = cols.shape[0]
+    if upper is None:
         return np.clip(np.rint(cols / scale), -_QMAX, _QMAX)  # not invertible: no feedback
     work = cols.astype(np.float64).copy()
     q = np.zeros_like(work)

@@ -1,0 +1,62 @@
+"""Joining a model saved with external data into one file, weights streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from conftest import run_ort, sample
+
+from quantcli.graph.io import save_model
+from quantcli.graph.single_file import join_external
+
+
+def _pair(tmp_path: Path, proto: onnx.ModelProto) -> Path:
+    staged = tmp_path / "staged" / "m.onnx"
+    staged.parent.mkdir()
+    ir.save(ir.from_proto(proto), staged, external_data="m.onnx.data", size_threshold_bytes=0)
+    return staged
+
+
+def test_joined_file_is_the_same_model(tmp_path: Path) -> None:
+    proto = onnx.load(str(sample("digits_cnn").model))
+    staged = _pair(tmp_path, proto)
+    out = tmp_path / "joined.onnx"
+    assert join_external(staged, "m.onnx.data", out)
+    joined = onnx.load(str(out))
+    onnx.checker.check_model(joined, full_check=True)
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in joined.graph.initializer}
+    assert want.keys() == got.keys()
+    for name, array in want.items():
+        np.testing.assert_array_equal(got[name], array)
+        assert got[name].dtype == array.dtype
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in joined.graph.initializer)
+    x = {"input": np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(out, x)[0], run_ort(sample("digits_cnn").model, x)[0])
+
+
+def test_refuses_weights_outside_the_main_graph_initializers(tmp_path: Path) -> None:
+    """A Constant node's tensor in the data file cannot be joined this way: say so."""
+    staged = _pair(tmp_path, onnx.load(str(sample("mlp").model)))
+    proto = onnx.load(str(staged), load_external_data=False)
+    moved = proto.graph.initializer[0]
+    const = onnx.helper.make_node("Constant", [], [moved.name], value=moved)
+    proto.graph.node.insert(0, const)
+    del proto.graph.initializer[0]
+    onnx.save(proto, str(staged))
+    out = tmp_path / "joined.onnx"
+    assert not join_external(staged, "m.onnx.data", out)
+    assert not out.exists()
+
+
+def test_save_model_writes_one_file_and_is_deterministic(tmp_path: Path) -> None:
+    path = sample("encoder").model
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (first, second):
+        save_model(ir.load(path), out, inputs=[path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
+    assert first.read_bytes() == second.read_bytes()
+    onnx.checker.check_model(onnx.load(str(first)), full_check=True)
