@@ -202,3 +202,20 @@ def test_standard_ops_upgrades_an_opset_10_model_rather_than_skip_it(cli, tmp_pa
     assert "MatMulInteger" in {n.op_type for n in model.graph.node}
     assert "MatMul" not in {n.op_type for n in model.graph.node}
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_input_gram_is_dropped_after_its_last_reader_only_when_owned(release: bool) -> None:
+    from quantcli.calibrate.channel_stats import ChannelStats
+    from quantcli.quantize.int8.pipeline import _Grams
+
+    x = np.random.default_rng(0).normal(size=(64, 8))
+    stats = ChannelStats(-1, track_gram=True)
+    stats.update(x)
+    want = x.T @ x
+    grams = _Grams(stats, readers=2, release=release)
+    s = np.full(8, 2.0)
+    np.testing.assert_allclose(grams.get(None), want, rtol=1e-5, atol=1e-4)
+    assert stats.gram is not None  # a second reader still needs it
+    np.testing.assert_allclose(grams.get(s), want / 4.0, rtol=1e-5, atol=1e-4)
+    assert (stats.gram is None) == release

@@ -63,6 +63,7 @@ def quantize_int8(
             hint="run quantcli inspect to see the op types, then set --op-types/--include",
         )
     warnings = []
+    owned = table is None  # made here: its x x^T sums may be dropped once used
     if plan.nodes or plan.smooth_inputs:
         table = _table(loaded, model, plan, config, table, data, calibration, progress)
     elif data is not None or table is not None:
@@ -79,7 +80,7 @@ def quantize_int8(
         names = frozenset(name for name, _ in plan.dynamic)
         inputs = {n.name: n.inputs[0].name for n in model.graph if n.name in names and n.inputs}
         scales = _smooth(model, plan, table, names) if plan.smooth_inputs else {}
-        importance = _input_importance(inputs, plan, table, scales) if table else {}
+        importance = _input_importance(inputs, plan, table, scales, owned) if table else {}
         fused = not config.standard_ops
         DynamicQuantizePass(_dynamic_weights(config), fused, names, importance)(model)
     if plan.blockwise:
@@ -115,28 +116,42 @@ def _input_importance(
     plan: Plan,
     table: CalibrationTable,
     scales: dict[str, np.ndarray],
+    release: bool = False,
 ) -> dict[str, tuple[np.ndarray, GramSource]]:
     """E[x^2] per input channel of each dynamic MatMul (by node) and, where calibration
     kept them, its x x^T sums, as the input is after smoothing (x / s), to weigh and round
-    pair-safe weights. The sums stay packed until their node is quantized: unpacked, all
-    of SmolLM2's would take 0.8 GB at once."""
+    pair-safe weights. The sums stay packed until their node is quantized (unpacked, all
+    of SmolLM2's would take 0.8 GB at once); with `release`, a tensor's are dropped from
+    the table once its last reader has them (0.4 GB held to the end otherwise)."""
     smoothed = set(plan.smoothed)
+    readers = Counter(inputs.values())
+    grams: dict[str, _Grams] = {}
     found = {}
     for node, tensor in inputs.items():
         stats = table.channels.get(tensor or "")
         msq = None if stats is None else stats.mean_square
-        if msq is None:
+        if msq is None or tensor is None:
             continue
         s = scales.get(tensor) if node in smoothed else None
         if s is not None:
             msq = msq / s**2
-        found[node] = (msq, partial(_gram, stats, s))
+        source = grams.setdefault(tensor, _Grams(stats, readers[tensor], release))
+        found[node] = (msq, partial(source.get, s))
     return found
 
 
-def _gram(stats: ChannelStats, s: np.ndarray | None) -> np.ndarray | None:
-    gram = stats.gram
-    return gram if gram is None or s is None else gram / np.outer(s, s)
+class _Grams:
+    """One tensor's x x^T sums, unpacked for each node that reads the tensor."""
+
+    def __init__(self, stats: ChannelStats, readers: int, release: bool) -> None:
+        self.stats, self.left, self.release = stats, readers, release
+
+    def get(self, s: np.ndarray | None) -> np.ndarray | None:
+        gram = self.stats.gram
+        self.left -= 1
+        if self.release and self.left <= 0:
+            self.stats.gram = None
+        return gram if gram is None or s is None else gram / np.outer(s, s)
 
 
 def _pattern_warnings(plan: Plan) -> list[str]:
