@@ -47,11 +47,7 @@ def run_exposed(
     provider: str = "cpu",
 ) -> None:
     """Run `model` over `data`, handing each batch's values of `tensors` to `on_batch`."""
-    if not tensors:
-        raise InputError(
-            "the model has nothing to calibrate (no tensor would be quantized)",
-            hint="check --op-types/--exclude, or run quantcli inspect on the model",
-        )
+    _check_tensors(tensors)
     with _exposed(model, tensors), session_for_model(model, provider) as session:
         done = 0
         for batch in data.batches(batch_size):
@@ -112,15 +108,14 @@ def run_segmented(
 ) -> None:
     """Like `run_exposed`, one segment of about `budget` weight bytes at a time: each batch
     is handed to `on_batch` once per segment, with the tensors that segment computes."""
-    if not tensors:
-        run_exposed(model, tensors, data, on_batch)  # raises the usual error
+    _check_tensors(tensors)
     where = producer_positions(model)
     missing = [t for t in tensors if t not in where]
     if missing:
         raise InputError(f"tensor '{missing[0]}' is not in the model")
     nodes = list(model.graph)
     pos = {n.name: i for i, n in enumerate(nodes)}
-    ranges = weight_segments(model, budget) if len(pos) == len(nodes) else [(0, len(nodes))]
+    ranges = weight_segments(model, budget)
     runner = SegmentRunner(model, data, batch_size)
     steps, step = len(ranges) * len(runner.cache), 0
     try:
@@ -144,6 +139,14 @@ def run_segmented(
             trim_heap()
     finally:
         runner.close()
+
+
+def _check_tensors(tensors: list[str]) -> None:
+    if not tensors:
+        raise InputError(
+            "the model has nothing to calibrate (no tensor would be quantized)",
+            hint="check --op-types/--exclude, or run quantcli inspect on the model",
+        )
 
 
 class _exposed:

@@ -23,8 +23,6 @@ _INLINE_LIMIT = 1 << 20  # larger float initializers go to ORT as external OrtVa
 _PLACEHOLDER = "quantcli-external-placeholder"
 SPILL_ABOVE = 256 << 20  # bytes of cached batches held in memory before spilling to disk
 
-Progress = Callable[[int, int], None]
-
 
 def values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     values = {v.name: v for v in model.graph.inputs}
@@ -238,7 +236,6 @@ class SegmentRunner:
         for batch in data.batches(batch_size):
             self.cache.append(dict(batch.feeds))
             self.indices.append(batch.indices)
-        self.samples = data.num_samples
 
     def run(
         self,
@@ -292,11 +289,12 @@ def has_subgraphs(model: ir.Model) -> bool:
 def weight_segments(model: ir.Model, budget: int) -> list[tuple[int, int]]:
     """Node ranges [start, end) in graph order, each reading about ``budget`` bytes of large
     weights at most (a node reading more is a segment alone); every cut is placed, within
-    the second half of its segment, where fewest computed tensors cross it."""
+    the second half of its segment, where fewest computed tensors cross it. One segment
+    when the graph has control flow or nodes without unique names."""
     nodes = list(model.graph)
-    if has_subgraphs(model):
-        return [(0, len(nodes))]
     pos = {n.name: i for i, n in enumerate(nodes)}
+    if has_subgraphs(model) or len(pos) != len(nodes):
+        return [(0, len(nodes))]
     crossing = crossing_counts(model, nodes, pos)
     ranges, start = [], 0
     while start < len(nodes):

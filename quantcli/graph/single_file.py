@@ -15,9 +15,11 @@ from pathlib import Path
 
 import onnx
 
+from quantcli.graph.mapped import _GRAPH_INITIALIZER as _INITIALIZER
 from quantcli.graph.mapped import _LEN, _encode_varint
+from quantcli.graph.mapped import _MODEL_GRAPH as _GRAPH
+from quantcli.graph.mapped import _TENSOR_RAW_DATA as _RAW_DATA
 
-_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
 _CHUNK = 16 << 20
 
 

@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from quantcli.calibrate.segments import crossing_counts, frontier, values_by_name
+from quantcli.calibrate.segments import (
+    crossing_counts,
+    frontier,
+    has_subgraphs,
+    producer_positions,
+)
 
 HESSIAN_BUDGET = 48 << 20  # bytes of float64 x^T x accumulated per segment
 
@@ -82,12 +87,7 @@ def plan_segments(
     """Cut the graph into segments. ``hessian_inputs``: (input name, K, consumer node names)."""
     nodes = list(model.graph)
     pos = {n.name: i for i, n in enumerate(nodes)}
-    has_subgraphs = any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for node in nodes
-        for attr in node.attributes.values()
-    )
-    if has_subgraphs or not hessian_inputs:
+    if has_subgraphs(model) or not hessian_inputs:
         return [Segment([h for h, _, _ in hessian_inputs], list(indices), [])]
     first = {h: min(pos[c] for c in cons) for h, _, cons in hessian_inputs}
     last = {h: max(pos[c] for c in cons) for h, _, cons in hessian_inputs}
@@ -114,7 +114,8 @@ def plan_segments(
         lo, hi = max(last[h] for h in a) + 1, min(first[h] for h in b)
         best = min(range(lo, hi + 1), key=lambda p: (crossing[p], -p))
         cuts.append(best)
-    index_pos = _index_positions(model, indices, pos)
+    where = producer_positions(model)
+    index_pos = {name: where[name] for name in indices}
     segments = []
     bounds = [0, *cuts, len(nodes)]
     for i, group in enumerate(merged):
@@ -125,12 +126,3 @@ def plan_segments(
         crossing_next = frontier(model, nodes, pos, end) if i + 1 < len(merged) else []
         segments.append(Segment(group, seg_indices, crossing_next))
     return segments
-
-
-def _index_positions(model: ir.Model, indices: list[str], pos: dict[str, int]) -> dict[str, int]:
-    values = values_by_name(model)
-    out = {}
-    for name in indices:
-        producer = values[name].producer()
-        out[name] = -1 if producer is None else pos[producer.name]
-    return out
