@@ -15,10 +15,9 @@ from quantcli.errors import InputError
 from quantcli.graph.io import (
     check_model_path,
     check_output_path,
-    file_size,
     save_model,
 )
-from quantcli.graph.mapped import MAP_ABOVE, load_model_mapped
+from quantcli.graph.mapped import MAP_ABOVE, file_size, load_model_mapped
 from quantcli.graph.signature import input_specs
 from quantcli.quantize.int8.config import Int8Config
 from quantcli.validate import output_validator

@@ -16,7 +16,7 @@ from int4_models import tiny_lm
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.convert import convert_int4_file
-from quantcli.graph.io import file_size
+from quantcli.graph.mapped import file_size
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int4.formats import FLOAT, Choice, int8_block, weight_bytes
 from quantcli.quantize.int4.mixed import _greedy, _more_bits, allocate

@@ -15,7 +15,8 @@ from conftest import SAMPLES, Cli, Tiny, run_ort
 import quantcli.graph.io as gio
 from quantcli.convert import convert_int4_file, convert_int8_file
 from quantcli.errors import ModelError, OutputError
-from quantcli.graph.io import check_output_path, file_size, load_model, save_model
+from quantcli.graph.io import check_output_path, load_model, save_model
+from quantcli.graph.mapped import file_size
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int8.config import Int8Config
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import Sample, sample
 from int4_models import tiny_lm
 
+from quantcli.calibrate.channel_stats import ChannelStats
 from quantcli.calibrate.runner import collect_stats
 from quantcli.calibrate.segments import BatchStore, frontier, weight_segments
 from quantcli.data import open_data
@@ -96,4 +97,23 @@ def test_segmented_calibration_matches_one_session(name: str) -> None:
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-5, atol=1e-6)
         if a.gram is not None:
             np.testing.assert_allclose(a.gram, b.gram, rtol=1e-4, atol=1e-4)
+            assert isinstance(b._gram, np.memmap), t  # spilled once its segment was done
         assert (a.gram is None) == (b.gram is None)
+
+
+def test_spilled_gram_reads_merges_and_grows_the_same() -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(8, 6)) for _ in range(3)]
+    kept, spilled = ChannelStats(1, track_gram=True), ChannelStats(1, track_gram=True)
+    for stats in (kept, spilled):
+        for x in batches[:2]:
+            stats.update(x)
+    spilled.spill_gram()
+    assert isinstance(spilled._gram, np.memmap)
+    np.testing.assert_array_equal(spilled.gram, kept.gram)
+    np.testing.assert_array_equal(spilled.merge(kept).gram, kept.merge(kept).gram)
+    for stats in (kept, spilled):  # more data after a spill: summed in memory
+        stats.update(batches[2])
+    np.testing.assert_array_equal(spilled.gram, kept.gram)
+    spilled.gram = None
+    assert spilled.gram is None

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from conftest import run_ort, sample
 
 from quantcli.graph.io import save_model
+from quantcli.graph.mapped import file_size
 from quantcli.graph.single_file import join_external
 
 
@@ -60,3 +61,22 @@ def test_save_model_writes_one_file_and_is_deterministic(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
     assert first.read_bytes() == second.read_bytes()
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)
+
+
+def test_file_size_of_one_file_reads_no_weights(tmp_path: Path) -> None:
+    """Inline weights above the mapping threshold are references into the file itself while
+    file_size reads the structure: they are counted once, not as an external file."""
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # 16 KB > MIN_MAPPED
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    path = tmp_path / "one.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    assert file_size(path) == path.stat().st_size
+    staged = _pair(tmp_path, onnx.load(str(path)))
+    data = staged.with_name("m.onnx.data")
+    assert file_size(staged) == staged.stat().st_size + data.stat().st_size

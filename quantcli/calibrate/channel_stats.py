@@ -16,6 +16,8 @@ block: read them once the data is done.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -92,7 +94,9 @@ class ChannelStats:
             self._squares += block._squares
         else:
             self._squares = None
-        if self._gram is not None and block._gram is not None:
+        if isinstance(self._gram, np.memmap) and block._gram is not None:  # spilled: read-only
+            self._gram = self._gram + block._gram
+        elif self._gram is not None and block._gram is not None:
             self._gram += block._gram
         else:
             self._gram = None
@@ -148,6 +152,19 @@ class ChannelStats:
     def gram(self, value: np.ndarray | None) -> None:  # from a table's sidecar file
         self.close()
         self._gram = None if value is None else _pack(np.asarray(value, np.float64))
+
+    def spill_gram(self) -> None:
+        """Move the x x^T sum (closed) to a memory-mapped temporary file, unlinked at once
+        (the mapping keeps it): it is read back only when `gram` is, so a model's many sums
+        (SmolLM2-135M: 121, 0.4 GB) need not all be resident between calibration and their
+        use. The sum can no longer grow: call this once the data is done."""
+        self.close()
+        if self._gram is None or isinstance(self._gram, np.memmap) or os.name != "posix":
+            return
+        with tempfile.NamedTemporaryFile(prefix="quantcli-gram-") as file:
+            self._gram.tofile(file)
+            file.flush()
+            self._gram = np.memmap(file, np.float64, "r", shape=self._gram.shape)
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         """Both together, `other`'s data after `self`'s (float sums add in that order)."""

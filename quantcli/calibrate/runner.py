@@ -87,13 +87,18 @@ def collect_stats(
             if name in channels:
                 channels[name].update(array)
 
+    def spill(done: list[str]) -> None:  # a segment's tensors are complete
+        for name in done:
+            if name in channels:
+                channels[name].spill_gram()
+
     exposed = tensors + [t for t in channels if t not in stats]  # shared-scale inputs too
     if segment_weights is None and provider == "cpu" and weights_bytes(model) > SEGMENT_ABOVE:
         segment_weights = SEGMENT_WEIGHTS
     if segment_weights is None:
         run_exposed(model, exposed, data, update, batch_size, progress, provider)
     else:
-        run_segmented(model, exposed, data, update, batch_size, progress, segment_weights)
+        run_segmented(model, exposed, data, update, batch_size, progress, segment_weights, spill)
     return stats, channels
 
 
@@ -105,9 +110,11 @@ def run_segmented(
     batch_size: int,
     progress: Progress | None,
     budget: int,
+    on_segment: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Like `run_exposed`, one segment of about `budget` weight bytes at a time: each batch
-    is handed to `on_batch` once per segment, with the tensors that segment computes."""
+    is handed to `on_batch` once per segment, with the tensors that segment computes;
+    `on_segment` is then given those tensors (their data are done)."""
     _check_tensors(tensors)
     where = producer_positions(model)
     missing = [t for t in tensors if t not in where]
@@ -135,6 +142,8 @@ def run_segmented(
                     progress(data.num_samples * step // steps, data.num_samples)
 
             runner.run(outputs, update, keep=keep)
+            if on_segment:
+                on_segment(outputs)
             release_external(model)
             trim_heap()
     finally:

@@ -227,9 +227,3 @@ def _internalize(model: ir.Model) -> None:
             if isinstance(value.const_value, ir.ExternalTensor):
                 tensor = value.const_value
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
-
-
-def file_size(path: Path) -> int:
-    """Bytes of a model file plus its external data files."""
-    proto = onnx.load(str(path), format=PROTOBUF, load_external_data=False)
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(proto, path.parent))

@@ -22,7 +22,13 @@ import onnx
 import onnx_ir as ir
 
 from quantcli.errors import ModelError
-from quantcli.graph.io import LoadedModel, _check_domains, check_model_path, load_model
+from quantcli.graph.io import (
+    LoadedModel,
+    _check_domains,
+    _external_files,
+    check_model_path,
+    load_model,
+)
 
 MIN_MAPPED = 4096  # bytes: smaller tensors stay inline
 # INT8 maps a model only above this: ONNX Runtime gets a mapped model through a temporary
@@ -79,6 +85,15 @@ def model_structure(path: Path) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     proto.ParseFromString(stripped)
     return proto
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a model file plus its external data files (the protobuf is read without its
+    inline weights: a 250 MB single file is not parsed into memory to learn its size)."""
+    path = Path(path)
+    files = _external_files(model_structure(path), path.parent)
+    own = path.resolve()
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.resolve() != own)
 
 
 def _for_checker(proto: onnx.ModelProto) -> onnx.ModelProto:
