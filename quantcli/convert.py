@@ -111,6 +111,7 @@ def convert_int8_file(
         force=force,
         validate=output_validator(_validation_samples(data, loaded.model)),
         external_data=loaded.external_data,
+        release=True,  # not used after: validation need not run beside its weights
     )
     return ConvertSummary(
         input=model_path,
@@ -163,6 +164,7 @@ def convert_int4_file(
         force=force,
         validate=output_validator(samples),
         external_data=loaded.external_data,
+        release=True,  # not used after: validation need not run beside its weights
     )
     size_after = file_size(output)
     warnings = list(result.warnings)

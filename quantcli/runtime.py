@@ -62,11 +62,14 @@ def set_default_threads(threads: int | None) -> None:
     _default_threads = threads
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, optimize: bool = True, arena: bool = True
+) -> ort.SessionOptions:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
@@ -81,14 +84,17 @@ def create_session(
     provider: str = "cpu",
     threads: int | None = None,
     optimize: bool = True,
+    arena: bool = True,
 ) -> ort.InferenceSession:
-    """An ORT session over a model file path or serialized bytes."""
+    """An ORT session over a model file path or serialized bytes (`arena=False`: CPU memory
+    is returned after each run instead of kept for the next, for a session run once or
+    twice)."""
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(
         source,
-        sess_options=session_options(threads, optimize),
+        sess_options=session_options(threads, optimize, arena),
         providers=resolve_providers(provider),
     )
 

@@ -32,7 +32,10 @@ def output_validator(samples: list[Feeds], provider: str = "cpu") -> Callable[[P
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise InvalidOutput(f"the quantized model fails the ONNX checker: {exc}") from exc
         try:
-            session = create_session(path, provider)
+            # No CPU arena: two runs gain nothing from it, and it would keep their largest
+            # transients (a QDQ embedding table dequantized whole: 113 MB on SmolLM2) while
+            # the converted model is still in memory.
+            session = create_session(path, provider, arena=False)
         except QuantcliError:
             raise
         except Exception as exc:

@@ -61,6 +61,53 @@ def test_save_model_writes_one_file_and_is_deterministic(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
     assert first.read_bytes() == second.read_bytes()
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)
+    released = ir.load(path)
+    seen: list[int] = []
+    save_model(
+        released,
+        tmp_path / "c.onnx",
+        inputs=[path],
+        validate=lambda staged: seen.append(len(released.graph.initializers)),
+        release=True,
+    )
+    assert (tmp_path / "c.onnx").read_bytes() == first.read_bytes()
+    assert seen and all(v.const_value is None for v in released.graph.initializers.values())
+
+
+def test_subgraph_weights_are_joined_by_the_fallback(tmp_path: Path) -> None:
+    """An If branch's large initializer lands in the staged data file, which the streaming
+    join does not rewrite: the fallback reads everything in and writes one file."""
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y_then"])],
+        "then",
+        [],
+        [onnx.helper.make_tensor_value_info("y_then", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y_else"])],
+        "else",
+        [],
+        [onnx.helper.make_tensor_value_info("y_else", onnx.TensorProto.FLOAT, [1, 64])],
+    )
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    out = tmp_path / "if.onnx"
+    save_model(ir.from_proto(model), out, release=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["if.onnx"]
+    x = np.ones((1, 64), np.float32)
+    got = run_ort(out, {"c": np.array(True), "x": x})[0]
+    np.testing.assert_array_equal(got, x @ w)
 
 
 def test_file_size_of_one_file_reads_no_weights(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from quantcli.errors import ModelError, OutputError
+from quantcli.memory import trim_heap
 
 # Domains whose ops ONNX Runtime implements; anything else must come with its own kernels.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
@@ -170,12 +171,14 @@ def save_model(
     force: bool = False,
     validate: Validator | None = None,
     external_data: bool = False,
+    release: bool = False,
 ) -> Path:
     """Write atomically: a temp folder beside the target, validate there, then rename.
 
     Weights go to `<output>.data` when asked (the input had external data: tensors then
     stream to the file instead of through one big protobuf) or when they are too large for
-    one protobuf.
+    one protobuf. `release`: the caller is done with `model`; its weights are dropped once
+    written, so that validation does not run beside them (the model is unusable after).
     """
     output = Path(output)
     check_output_path(output, inputs=inputs or [], force=force)
@@ -194,13 +197,15 @@ def save_model(
             external_data=data_name,
             max_in_flight_bytes=_IN_FLIGHT_BYTES,
         )
+        if release:
+            _drop_weights(model)
         if validate is not None:
             validate(staged)
         if external:
             os.replace(tmp / data_name, output.parent / data_name)
             os.replace(staged, output)
         else:
-            _join(model, staged, data_name, output)
+            _join(staged, data_name, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
@@ -208,22 +213,20 @@ def save_model(
     return output
 
 
-def _join(model: ir.Model, staged: Path, data_name: str, output: Path) -> None:
+def _join(staged: Path, data_name: str, output: Path) -> None:
     """Write the single-file form of a validated staged pair, then rename it into place."""
     from quantcli.graph.single_file import join_external
 
     joined = staged.with_name(staged.name + ".joined")
     if not join_external(staged, data_name, joined):  # weights outside the main graph
-        _internalize(model)
-        ir.save(model, joined, format=PROTOBUF)
+        proto = onnx.load(str(staged))  # every tensor read in (rare: subgraph weights)
+        onnx.save(proto, str(joined))
     os.replace(joined, output)
 
 
-def _internalize(model: ir.Model) -> None:
-    """Read tensors still stored in the input's data files into memory: once saved, their
-    relative locations would point beside the output, where no such file is."""
+def _drop_weights(model: ir.Model) -> None:
+    """Let go of a saved model's weights (they are in the staged file now)."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                tensor = value.const_value
-                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+            value.const_value = None
+    trim_heap()
