@@ -270,7 +270,7 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
         extra = EXTRA_COLUMNS.get(entry["task"], [])
         head = ["setting", "MB", "x float", key, f"x float {key}"]
         head += [k.replace("_", " ") for k in extra]
-        head += [f"{c} speed" for c in calls] + ["convert s", "convert peak RSS MB"]
+        head += [f"{c} speed" for c in calls] + ["convert s", "convert peak RSS MiB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for who, rec in entry["contenders"].items():
             conv = rec.get("convert", {})

@@ -171,7 +171,7 @@ def size_and_convert(models: dict[str, Any]) -> list[str]:
                     conv.get("error", "") if not conv.get("ok", True) else "",
                 ]
             )
-    head = ["model", "contender", "MB", "vs float", "convert s", "convert peak RSS MB", "error"]
+    head = ["model", "contender", "MB", "vs float", "convert s", "convert peak RSS MiB", "error"]
     return table(head, rows)
 
 
@@ -183,7 +183,7 @@ def calibration(models: dict[str, Any]) -> list[str]:
     ]
     if not rows:
         return ["(not measured in this run)", ""]
-    return table(["model", "calibrator", "samples", "wall s", "peak RSS MB", "error"], rows)
+    return table(["model", "calibrator", "samples", "wall s", "peak RSS MiB", "error"], rows)
 
 
 def compare_checks(models: dict[str, Any]) -> list[str]:
