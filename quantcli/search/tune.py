@@ -357,8 +357,9 @@ class _Search:
             self.speed_pass()
 
     def greedy(self, current: Trial, worst: Callable[[Path], list[int]]) -> Trial:
-        start = time.monotonic()
-        ordered = worst(self.build(current.assignment))
+        built = self.build(current.assignment)
+        start = time.monotonic()  # the pass over the data only: ranking runs no builds
+        ordered = worst(built)
         per_sample = (time.monotonic() - start) / max(self.evaluator.data.num_samples, 1)
         subset = sorted(ordered[: self.rank_count(len(ordered), per_sample)])
         for _ in range(max(len(g.ladder) for g in self.space.groups) if self.space.groups else 0):
