@@ -249,9 +249,9 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
         f"cores, onnxruntime {meta['versions']['onnxruntime']}), quantcli at {commit[:10]}, "
         f"{meta['date']}, {meta['threads']} thread(s); reproduce with `{meta['command']}`. "
         'Convert time and memory: "reused" marks ONNX Runtime files kept from an earlier '
-        "run (`--reuse`; the same onnxruntime), so they were not converted in this one; the "
-        "harness ran beside other benchmarks on this 2-core host, so convert times are "
-        "inflated.",
+        "run (`--reuse`; the same onnxruntime), so they were not converted in this one; "
+        "convert times are single runs on a 2-core host (noisy); peak RSS is the larger of "
+        "wait4's maximum and the process tree's RSS polled every 50 ms, in MiB.",
         "",
     ]
     for name, entry in res["models"].items():
