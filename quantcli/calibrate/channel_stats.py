@@ -94,10 +94,11 @@ class ChannelStats:
             self._squares += block._squares
         else:
             self._squares = None
-        if isinstance(self._gram, np.memmap) and block._gram is not None:  # spilled: read-only
-            self._gram = self._gram + block._gram
-        elif self._gram is not None and block._gram is not None:
-            self._gram += block._gram
+        if self._gram is not None and block._gram is not None:
+            if isinstance(self._gram, np.memmap):  # spilled, read-only: the sum in memory
+                self._gram = self._gram + block._gram
+            else:
+                self._gram += block._gram
         else:
             self._gram = None
 
