@@ -45,6 +45,11 @@ LM = {
     "quantcli-nodata": ("quantcli", Q4),
     "quantcli": ("quantcli", [*Q4, *DATA]),
     "quantcli-budget-4.6": ("quantcli", [*Q4, *DATA, "--budget", "4.6"]),
+    "quantcli-compact": ("quantcli", [*Q4, *DATA, "--compact-scales"]),
+    "quantcli-budget-4.5-compact": (
+        "quantcli",
+        [*Q4, *DATA, "--budget", "4.5", "--compact-scales"],
+    ),
     "quantcli-budget-5.5": ("quantcli", [*Q4, *DATA, "--budget", "5.5"]),
     "quantcli-budget-6.3": ("quantcli", [*Q4, *DATA, "--budget", "6.3"]),
     "quantcli-k-quant": ("quantcli", [*Q4, "--mix", "k-quant"]),

@@ -123,7 +123,7 @@ def weight_bits(model: ir.Model) -> list[dict[str, Any]]:
                 }
             )
             continue
-        stored = sum(sizes.get(v.name, 0) for v in node.inputs[data:] if v is not None)
+        stored = sum(_stored_bytes(v, sizes) for v in node.inputs[data:] if v is not None)
         if node.op_type == "GatherBlockQuantized":
             stored -= sizes.get(node.inputs[1].name, 0)  # the indices are no weight
         count = packed[name][1]
@@ -138,6 +138,17 @@ def weight_bits(model: ir.Model) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _stored_bytes(value: ir.Value, sizes: dict[str, int]) -> int:
+    """Bytes behind an input: its initializer, or the constants that a Cast/Mul widens into
+    it (compact float16 scales)."""
+    if value.name in sizes:
+        return sizes[value.name]
+    producer = value.producer()
+    if producer is None or producer.op_type not in ("Cast", "Mul"):
+        return 0
+    return sum(_stored_bytes(v, sizes) for v in producer.inputs if v is not None)
 
 
 def inspect_model(loaded: LoadedModel) -> dict[str, Any]:

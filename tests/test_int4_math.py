@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quantcli.quantize.math.int4 import (
     BlockQuantized,
     block_params,
+    float16_scaled,
     pack_matmulnbits,
     quantize_rtn,
     to_dequantize_linear_int4,
@@ -344,3 +345,26 @@ def test_dequantize_linear_int4_on_ort_matches(k: int, block_size: int, symmetri
     assert np.all(
         np.abs(y_default - x @ deq) <= 1.5 * _int8_activation_bound(x, deq, block_size) + 1e-4
     )
+
+
+# --- compact (float16) scales --------------------------------------------------------------
+
+
+@given(
+    scales=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=2, max_side=16),
+        elements=st.floats(0.0, float(np.float32(1e30)), width=32),
+    )
+)
+def test_float16_scales_keep_eleven_bits_and_never_overflow(scales: np.ndarray) -> None:
+    half, factor = float16_scaled(scales)
+    assert half.dtype == np.float16 and half.shape == scales.shape
+    assert factor > 0 and np.frexp(factor)[0] == 0.5  # a power of two: the Mul is exact
+    widened = half.astype(np.float32) * factor
+    assert np.isfinite(widened).all() and (widened >= 0).all()
+    top = scales.max()
+    normal = scales >= top * 2.0**-15  # float16 normals after the factor
+    np.testing.assert_allclose(widened[normal], scales[normal], rtol=2.0**-11, atol=0)
+    # below that, subnormal float16: never more than half of float16's last step off
+    assert (np.abs(widened - scales) <= factor * 2.0**-25 + scales * 2.0**-11).all()

@@ -172,6 +172,24 @@ def test_bits_per_weight_budget_holds_in_the_written_file(bpw: float, tmp_path: 
     assert sum(info["parameters_by_format"].values()) == info["parameters"]
 
 
+@pytest.mark.parametrize("bpw", [4.5, 5.0])
+def test_compact_scales_budget_holds_in_the_written_file(bpw: float, tmp_path: Path) -> None:
+    """float16 scales: block 32 costs 4.63 bits, so 4.5 mixes it with coarse blocks."""
+    lm = tiny_lm(layers=2, d=128, ff=256, vocab=512)  # >= 256 scales in every tensor
+    path, out = _save(tmp_path, "lm", lm), tmp_path / "q.onnx"
+    config = Int4Config(budget_bpw=bpw, compact_scales=True)
+    summary = convert_int4_file(path, out, config, data_spec=str(_calib(tmp_path)))
+    info = summary.details["int4"]
+    assert bpw - 0.3 <= info["bits_per_weight"] <= bpw
+    stored = _stored_bits_per_weight(out, info["parameters"])
+    assert stored == pytest.approx(info["bits_per_weight"], abs=0.01)
+    formats = info["parameters_by_format"]
+    if bpw == 4.5:
+        assert "int4-b32" in formats and len(formats) > 1
+    proto = onnx.load(out)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
+
+
 def test_max_size_budget_holds_for_the_file(tmp_path: Path) -> None:
     path = _save(tmp_path, "lm", tiny_lm(layers=4))
     npz = _calib(tmp_path)
@@ -326,6 +344,7 @@ def test_int8_options_are_refused_with_bits_4(flags: list[str], tiny: Tiny, cli:
         ["--accuracy-level", "0"],
         ["--no-embeddings"],
         ["--block-size", "32"],
+        ["--compact-scales"],
     ],
     ids=lambda f: f[0],
 )
@@ -343,6 +362,7 @@ def test_int4_options_are_refused_with_bits_8(flags: list[str], tiny: Tiny, cli:
         (["--mix", "q9"], "not a preset"),
         (["--budget", "40"], "out of range"),
         (["--format", "qoperator"], "not an INT4 format"),
+        (["--format", "qdq", "--compact-scales"], "needs --format matmulnbits"),
     ],
 )
 def test_bad_budget_options(flags: list[str], message: str, tiny: Tiny, cli: Cli) -> None:

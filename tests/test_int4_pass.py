@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import SAMPLE_NAMES, Cli, Tiny, run_ort, sample
+from int4_models import tiny_lm
 
 from quantcli.convert import convert_int4_file
 from quantcli.graph.passes import prepare_model
@@ -99,6 +100,84 @@ def test_int4_model_equals_float_model_with_dequantized_weights(
     (got,) = run_ort(out, feeds, optimize=False)
     atol = 1e-5 if fmt == "qdq" else 1e-3  # MatMulNBits accumulates in its own order
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol * np.abs(want).max())
+
+
+def _widened(path: Path) -> onnx.ModelProto:
+    """The compact model with every Cast(float16) -> Mul(factor) replaced by the float32
+    initializer it computes."""
+    proto = onnx.load(path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    casts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Cast"}
+    keep, widened = [], []
+    for node in proto.graph.node:
+        if node.op_type == "Mul" and node.input[0] in casts:
+            half = inits[casts[node.input[0]].input[0]]
+            value = half.astype(np.float32) * inits[node.input[1]]
+            widened.append(onnx.numpy_helper.from_array(value, node.output[0]))
+        elif node.op_type != "Cast":
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    proto.graph.initializer.extend(widened)
+    return proto
+
+
+def test_compact_scales_are_float16_folded_by_onnx_runtime(tmp_path: Path, cli: Cli) -> None:
+    """--compact-scales: float16 x a power of two, widened by Cast -> Mul that ONNX Runtime
+    folds at load; the result equals float32 scales of the widened values."""
+    path = tmp_path / "lm.onnx"
+    onnx.save(tiny_lm(layers=1, d=64, ff=128, vocab=512), path)  # >= 256 scales a tensor
+    compact, full = tmp_path / "compact.onnx", tmp_path / "full.onnx"
+    small = convert_int4_file(path, compact, Int4Config(block_size=16, compact_scales=True))
+    assert any("float16" in note for note in small.details["int4"]["notes"])
+    cli.ok("convert", path, "-o", full, "--bits", "4", "--block-size", "16")
+    assert compact.stat().st_size < full.stat().st_size
+    # inspect reads the stored bytes through the widening: K=64 in 4 blocks of 16, N=64:
+    # 4 bits, a float16 scale and half a zero-point byte per 16 weights, one float32 factor
+    rows = {
+        r["node"]: r for r in json.loads(cli.ok("inspect", compact, "--json").stdout)["weight_bits"]
+    }
+    assert rows["l0_o_proj_MatMulNBits"]["bits_per_weight"] == pytest.approx(
+        4 + 1 + 0.25 + 32 / 64**2, abs=1e-3
+    )
+    full_rows = json.loads(cli.ok("inspect", full, "--json").stdout)["weight_bits"]
+    assert {r["node"]: r for r in full_rows}["l0_o_proj_MatMulNBits"]["bits_per_weight"] == 6.25
+    stored = small.details["int4"]["bits_per_weight"]
+    layers = [r for r in rows.values() if r["parameters"]]
+    weighted = sum(r["bits_per_weight"] * r["parameters"] for r in layers)
+    assert stored == pytest.approx(weighted / sum(r["parameters"] for r in layers), abs=1e-2)
+    proto = onnx.load(compact)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    readers = [n for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert len(readers) >= 2
+    for node in readers:
+        mul = producers[node.input[2]]
+        cast = producers[mul.input[0]]
+        assert (mul.op_type, cast.op_type) == ("Mul", "Cast")
+        assert types[cast.input[0]] == onnx.TensorProto.FLOAT16
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(compact), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert "Cast" not in [n.op_type for n in optimized.graph.node]
+    halves = [
+        t.name for t in optimized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
+    ]
+    assert not halves  # every widening folded into a float32 initializer
+    feeds = {"ids": np.random.default_rng(0).integers(0, 512, (4, 12)).astype(np.int64)}
+    (want,) = run_ort(_widened(compact), feeds)
+    (got,) = run_ort(compact, feeds)
+    np.testing.assert_array_equal(got, want)
+    # Widened at run time when nothing folds (at accuracy level 0: ONNX Runtime 1.32's level
+    # 4 kernel reads scales that are not initializers as zeros, hence the flag is opt-in)
+    level0 = tmp_path / "level0.onnx"
+    convert_int4_file(path, level0, Int4Config(16, compact_scales=True, accuracy_level=0))
+    (folded,) = run_ort(level0, feeds)
+    (unfolded,) = run_ort(level0, feeds, optimize=False)
+    np.testing.assert_allclose(unfolded, folded, rtol=1e-4, atol=1e-4 * np.abs(folded).max())
 
 
 @pytest.mark.parametrize("name", ["encoder", "mlp"])

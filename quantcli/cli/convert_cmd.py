@@ -161,6 +161,15 @@ def convert(
             "chosen for this host (4 where int8 dot products are fast).",
         ),
     ] = None,
+    compact_scales: Annotated[
+        bool,
+        typer.Option(
+            "--compact-scales",
+            help="INT4 matmulnbits: store a float32 model's block scales as float16 (0.5 bits "
+            "per weight less at block 32), widened to float32 by ONNX Runtime's graph "
+            "optimizations when it loads the model; do not run the file with them disabled.",
+        ),
+    ] = False,
     budget: Annotated[
         str | None,
         typer.Option(
@@ -325,7 +334,7 @@ INT8_ONLY = {
     "recipe": "--recipe",
 }
 # False: not given
-_OFF_FLAGS = {"dynamic", "reduce_range", "symmetric_activations", "standard_ops"}
+_OFF_FLAGS = {"dynamic", "reduce_range", "symmetric_activations", "standard_ops", "compact_scales"}
 INT8_DEFAULTS = {
     "per_channel": True,
     "activation_type": "uint8",
@@ -343,6 +352,7 @@ INT4_ONLY = {
     "algorithm": "--algorithm",
     "embeddings": "--embeddings/--no-embeddings",
     "accuracy_level": "--accuracy-level",
+    "compact_scales": "--compact-scales",
     "budget": "--budget",
     "mix": "--mix",
 }
@@ -404,6 +414,7 @@ def _int4(**o: Any) -> Any:
         budget_bpw=bpw,
         max_bytes=max_bytes,
         mix=o["mix"],
+        compact_scales=bool(o["compact_scales"]),
     )
     return convert_int4_file(
         o["model"],

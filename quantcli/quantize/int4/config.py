@@ -40,6 +40,12 @@ class Int4Config:
     # GPTQ on the outputs of the layers already quantized (True) or of the float model.
     # Measured on SmolLM2-135M: no better (25.98 against 25.95), one more run per segment.
     sequential: bool = False
+    # Block scales of a float32 model stored as float16 (times a power of two) and widened by
+    # Cast -> Mul, which ONNX Runtime folds into float32 initializers when it loads the model:
+    # 0.5 bits per weight less at block 32, the same kernels. Off by default: with graph
+    # optimizations disabled nothing folds, and ONNX Runtime 1.32's MatMulNBits at accuracy
+    # level 4 then computes zeros from scales that are not initializers (docs/int4.md).
+    compact_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -69,6 +75,11 @@ class Int4Config:
             )
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise InputError("--budget must be a positive size")
+        if self.compact_scales and self.format != "matmulnbits":
+            raise InputError(
+                "--compact-scales needs --format matmulnbits",
+                hint="DequantizeLinear takes its scales in the output's type; drop the flag",
+            )
         if self.mix is not None and self.mix not in MIXES:
             raise InputError(f"--mix '{self.mix}' is not a preset", hint=f"use {', '.join(MIXES)}")
 

@@ -107,7 +107,12 @@ def quantize_int4(
     result = Int4Result(model, [], skipped, algorithm=algorithm, accuracy_level=level)
     if config.format == "matmulnbits":
         result.notes.append(f"MatMulNBits accuracy_level {level}: {level_note}")
-    fixed = _fixed_bytes(model, units) if config.max_bytes is not None else 0
+    if config.compact_scales:
+        result.notes.append(
+            "scales stored as float16, widened to float32 by ONNX Runtime's graph "
+            "optimizations at load: keep them on (the default) when running the file"
+        )
+    fixed = _fixed_bytes(model, units, config.compact_scales) if config.max_bytes is not None else 0
     choices = _choose(ctx, units, sizes, data, batch_size, progress, fixed, result)
     done: set[int] = set()
     if algorithm == "gptq":
@@ -166,7 +171,7 @@ def _lazy_transposes(model: ir.Model) -> None:
         graph.remove(node, safe=True)
 
 
-def _fixed_bytes(model: ir.Model, units: list[Int4Unit]) -> int:
+def _fixed_bytes(model: ir.Model, units: list[Int4Unit], compact: bool) -> int:
     """What the written file holds besides the units' weights: the graph as serialized with
     those weights left out, the other tensors, and the new nodes' headers."""
     weights = {c.weight for u in units for c in u.members + u.tables}
@@ -189,7 +194,8 @@ def _fixed_bytes(model: ir.Model, units: list[Int4Unit]) -> int:
         for name, tensor in kept.items():
             model.graph.initializers[name].const_value = tensor
     members = sum(len(u.members) + len(u.tables) for u in units)
-    return size + mapped + 400 * members  # a MatMulNBits node and its tensor headers
+    # a MatMulNBits node and its tensor headers; compact scales add a Cast, a Mul and a factor
+    return size + mapped + (650 if compact else 400) * members
 
 
 def _choose(

@@ -15,6 +15,14 @@ import numpy as np
 from quantcli.quantize.math.int4 import n_blocks_for
 
 COARSE_BLOCKS = (128, 64, 32)  # the coarse 4-bit option: the one storing fewest bytes
+# Compact (float16) scales only for tensors of at least this many scales: below it the Cast
+# and Mul nodes that widen them weigh more than the 2 bytes a scale saves.
+COMPACT_MIN_SCALES = 256
+
+
+def compact_scales(k: int, n: int, block_size: int) -> bool:
+    """Whether a float32 [K, N] weight's scales are stored compact (float16)."""
+    return n_blocks_for(k, block_size) * n >= COMPACT_MIN_SCALES
 
 
 @dataclass(frozen=True)
@@ -41,20 +49,20 @@ def parse_choice(text: str) -> Choice:
     return Choice(int(bits.removeprefix("int")), int(block))
 
 
-def coarse_block(k: int, divisible: bool = False) -> int:
+def coarse_block(k: int, divisible: bool = False, scale_bytes: int = 4) -> int:
     """The 4-bit block of the coarse option for reduction size K: the one of COARSE_BLOCKS
     with the least stored bytes (padding counts); ``divisible`` when K must split evenly
     (a table shared with GatherBlockQuantized)."""
     options = [b for b in COARSE_BLOCKS if not divisible or k % b == 0]
     if not options:
         return 32 if k % 32 == 0 or not divisible else 16
-    return min(options, key=lambda b: (n_blocks_for(k, b) * (b * 4 + 36), -b))
+    return min(options, key=lambda b: (n_blocks_for(k, b) * (b * 4 + 8 * scale_bytes + 4), -b))
 
 
-def int8_block(k: int, divisible: bool = False) -> int:
+def int8_block(k: int, divisible: bool = False, scale_bytes: int = 4) -> int:
     """The 8-bit option's block: the one of 128/64/32/16 storing fewest bytes for K."""
     options = [b for b in (128, 64, 32, 16) if not divisible or k % b == 0] or [16]
-    return min(options, key=lambda b: (n_blocks_for(k, b) * (b + 4), -b))
+    return min(options, key=lambda b: (n_blocks_for(k, b) * (b + scale_bytes), -b))
 
 
 def weight_bytes(
@@ -67,7 +75,8 @@ def weight_bytes(
     symmetric: bool,
     layout: str = "matmulnbits",
 ) -> int:
-    """Bytes stored for one [K, N] weight in `choice`.
+    """Bytes stored for one [K, N] weight in `choice` (compact scales: ``scale_bytes`` 2,
+    and the caller adds the 4-byte factor of each scales tensor).
 
     layout: ``matmulnbits`` (B padded to whole blocks, zero points packed per column),
     ``qdq`` (DequantizeLinear tensors: no padding, packed flat) or ``gather``

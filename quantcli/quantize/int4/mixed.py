@@ -34,6 +34,7 @@ from quantcli.quantize.int4.formats import (
     FLOAT,
     Choice,
     coarse_block,
+    compact_scales,
     int8_block,
     weight_bytes,
 )
@@ -54,6 +55,7 @@ class Sizes:
     block_size: int
     symmetric: bool
     itemsize: dict[str, int]  # weight name -> bytes of one float element
+    compact: bool = False  # float32 scales stored as float16 and a 4-byte factor
 
     @classmethod
     def of(cls, model: ir.Model, config: object) -> Sizes:
@@ -62,14 +64,27 @@ class Sizes:
             for name, value in model.graph.initializers.items()
             if value.const_value is not None and value.const_value.dtype.is_floating_point()
         }
-        return cls(config.format, config.block_size, config.symmetric, itemsize)
+        return cls(
+            config.format, config.block_size, config.symmetric, itemsize, config.compact_scales
+        )
+
+    def scale_bytes(self, unit: Int4Unit) -> int:
+        """Bytes of one stored scale of the unit's weights."""
+        size = self.itemsize.get((unit.members or unit.tables)[0].weight, 4)
+        return 2 if self.compact and size == 4 else size
+
+    def int8(self, unit: Int4Unit) -> Choice:
+        return Choice(8, int8_block(unit.k, unit.tied, self.scale_bytes(unit)))
+
+    def coarse(self, unit: Int4Unit) -> Choice:
+        return Choice(4, coarse_block(unit.k, unit.tied, self.scale_bytes(unit)))
 
     def default_choice(self, unit: Int4Unit) -> Choice:
         """4-bit blocks; the output head (and a table tied to it) 8-bit, as llama.cpp and
         Olive keep it: measured on SmolLM2-135M (GPTQ) perplexity 25.36 at 0.19x the float
         size against 25.98 at 0.17x with a 4-bit head (float 24.70)."""
         if vocabulary_head(unit):
-            return Choice(8, int8_block(unit.k, divisible=unit.tied))
+            return self.int8(unit)
         return Choice(4, self.block_size)
 
     def unit_bytes(self, unit: Int4Unit, choice: Choice) -> int:
@@ -82,15 +97,21 @@ class Sizes:
             layout = "gather" if cand.op_type == "Gather" else self.format
             if layout == "gather" and choice.bits == 8 and self.format == "matmulnbits":
                 layout = "qdq"  # GatherBlockQuantized 8-bit: [V, D] uint8, no padding
+            compact = (
+                self.compact
+                and size == 4
+                and not choice.is_float
+                and compact_scales(k, n, choice.block_size)
+            )
             total += weight_bytes(
                 choice,
                 k,
                 n,
-                scale_bytes=size,
+                scale_bytes=2 if compact else size,
                 float_bytes=size,
                 symmetric=self.symmetric,
                 layout=layout,
-            )
+            ) + (4 if compact else 0)
         if choice.is_float and unit.tables and unit.table_match:
             total += sum(t.params * self.itemsize.get(t.weight, 4) for t in unit.tables[:1])
         return total
@@ -102,13 +123,7 @@ def vocabulary_head(unit: Int4Unit) -> bool:
 
 
 def unit_options(unit: Int4Unit, sizes: Sizes) -> list[Choice]:
-    k = unit.k
-    options = [
-        Choice(4, coarse_block(k, divisible=unit.tied)),
-        Choice(4, sizes.block_size),
-        Choice(8, int8_block(k, divisible=unit.tied)),
-        FLOAT,
-    ]
+    options = [sizes.coarse(unit), Choice(4, sizes.block_size), sizes.int8(unit), FLOAT]
     return list(dict.fromkeys(options))
 
 
@@ -221,7 +236,7 @@ def mix_choices(name: str, units: list[Int4Unit], sizes: Sizes) -> list[Choice]:
         counts[unit.role] = counts.get(unit.role, 0) + 1
     out = []
     for unit in units:
-        eight = Choice(8, int8_block(unit.k, divisible=unit.tied))
+        eight = sizes.int8(unit)
         more = unit.role in ("attention_qkv", "ffn_down") and _more_bits(
             unit.layer, counts[unit.role]
         )

@@ -14,6 +14,7 @@ from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
 from quantcli.graph.mapped import release
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int4.formats import (
+    COMPACT_MIN_SCALES,
     Choice,
     Int8Blocks,
     quantize_int8_blocks,
@@ -22,6 +23,7 @@ from quantcli.quantize.int4.plan import Int4Candidate, Int4Unit
 from quantcli.quantize.math.gptq import gptq_factor, gptq_quantize
 from quantcli.quantize.math.int4 import (
     BlockQuantized,
+    float16_scaled,
     pack_matmulnbits,
     quantize_rtn,
     to_dequantize_linear_int4,
@@ -165,6 +167,28 @@ def _float_dtype(value: ir.Value) -> np.dtype:
     return value.const_value.dtype.numpy()
 
 
+def _scales(ctx: Context, name: str, scales: np.ndarray, dtype: np.dtype) -> ir.Value:
+    """Block scales in the node's float type. Compact (a float32 model): float16 times a
+    power of two, widened by Cast -> Mul at the start of the graph; ONNX Runtime folds the
+    pair into a float32 initializer when it loads the model, so the kernels (and their
+    prepacking) see what they would see with float32 scales stored."""
+    graph, namer = ctx.graph, ctx.namer
+    small = scales.size < COMPACT_MIN_SCALES
+    if small or not (ctx.config.compact_scales and np.dtype(dtype) == np.float32):
+        return add_initializer(graph, namer(name), np.ascontiguousarray(scales.astype(dtype)))
+    half, factor = float16_scaled(scales)
+    stored = add_initializer(graph, namer(f"{name}_float16"), np.ascontiguousarray(half))
+    power = add_initializer(graph, namer(f"{name}_factor"), np.array(factor, np.float32))
+    cast = ir.Node(
+        "", "Cast", [stored], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=namer(f"{name}_widen")
+    )
+    mul = ir.Node("", "Mul", [cast.outputs[0], power], name=namer(f"{name}_rescale"))
+    for value, label in ((cast.outputs[0], f"{name}_widened"), (mul.outputs[0], name)):
+        value.name, value.dtype, value.shape = namer(label), ir.DataType.FLOAT, stored.shape
+    graph.insert_before(next(iter(graph)), [cast, mul])  # before every reader
+    return mul.outputs[0]
+
+
 def _nbits_inputs(
     ctx: Context, base: str, q: BlockQuantized | Int8Blocks, dtype: np.dtype
 ) -> list[ir.Value | None]:
@@ -174,12 +198,12 @@ def _nbits_inputs(
         b = (q.q.astype(np.int16) + 128).astype(np.uint8).T.reshape(n, -1, q.block_size)
         return [
             add_initializer(graph, namer(f"{base}.B_int8"), np.ascontiguousarray(b)),
-            add_initializer(graph, namer(f"{base}.scales"), q.scales.T.astype(dtype)),
+            _scales(ctx, f"{base}.scales", q.scales.T, dtype),
         ]
     b, scales, zeros = pack_matmulnbits(q)
     inputs = [
         add_initializer(graph, namer(f"{base}.B_int4"), b),
-        add_initializer(graph, namer(f"{base}.scales"), scales.astype(dtype)),
+        _scales(ctx, f"{base}.scales", scales, dtype),
     ]
     if zeros is not None:
         inputs.append(add_initializer(graph, namer(f"{base}.zero_points"), zeros))
@@ -308,12 +332,16 @@ def _rewrite_gather(
         scale, zero = q.scales.T, None
     else:
         table, scale, zero = (a.T if a is not None else None for a in to_dequantize_linear_int4(q))
+    if config.format == "matmulnbits":
+        scales = _scales(ctx, f"{base}.table_scale", scale, dtype)
+    else:
+        scales = add_initializer(
+            graph, namer(f"{base}.table_scale"), np.ascontiguousarray(scale.astype(dtype))
+        )
     inputs = [
         add_initializer(graph, namer(f"{base}.table_int{bits}"), np.ascontiguousarray(table)),
         node.inputs[1],
-        add_initializer(
-            graph, namer(f"{base}.table_scale"), np.ascontiguousarray(scale.astype(dtype))
-        ),
+        scales,
     ]
     if zero is not None:
         inputs.append(
