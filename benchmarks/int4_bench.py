@@ -307,10 +307,10 @@ def markdown(res: dict[str, Any], chart_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def render(path: Path, docs: Path | None, block: str = "int4-bench") -> None:
+def render(path: Path, docs: Path | None, block: str = "int4-bench", chart: bool = True) -> None:
     res = json.loads(path.read_text())
     charts = {}
-    for name, entry in res["models"].items():
+    for name, entry in res["models"].items() if chart else ():
         svg = REPO / "docs" / f"int4-{name}-{res['meta']['host_kind']}.svg"
         svg.write_text(svg_chart(entry, f"{entry['title']}: size vs {_metric(entry['task'])[0]}"))
         charts[name] = svg.name
@@ -345,9 +345,10 @@ def main() -> None:
     p.add_argument("--render", type=Path)
     p.add_argument("--docs", type=Path)
     p.add_argument("--block", default="int4-bench", help="the docs' marker to fill")
+    p.add_argument("--no-chart", action="store_true", help="render the tables only")
     args = p.parse_args()
     if args.render:
-        render(args.render, args.docs, args.block)
+        render(args.render, args.docs, args.block, chart=not args.no_chart)
         return
     args.only = [x for x in args.only.split(",") if x]
     kind, _ = host_kind()

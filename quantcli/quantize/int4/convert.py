@@ -246,7 +246,9 @@ def _choose(
         raise InputError(
             f"the size budget ({wanted}) is below the smallest mix this model allows "
             f"({floor:.2f} bits per weight, {(cheapest + fixed_bytes) / 1e6:.2f} MB)",
-            hint="raise --budget",
+            hint="raise --budget"
+            if sizes.compact or config.format != "matmulnbits"
+            else "raise --budget, or store float16 scales with --compact-scales",
         )
     errors = _scores(ctx, units, options, data, batch_size, progress)
     if data is None:
