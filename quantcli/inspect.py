@@ -123,9 +123,12 @@ def weight_bits(model: ir.Model) -> list[dict[str, Any]]:
                 }
             )
             continue
-        stored = sum(_stored_bytes(v, sizes) for v in node.inputs[data:] if v is not None)
-        if node.op_type == "GatherBlockQuantized":
-            stored -= sizes.get(node.inputs[1].name, 0)  # the indices are no weight
+        skip = 1 if node.op_type == "GatherBlockQuantized" else -1  # the indices are no weight
+        stored = sum(
+            _stored_bytes(v, sizes)
+            for i, v in enumerate(node.inputs)
+            if i >= data and i != skip and v is not None
+        )
         count = packed[name][1]
         rows.append(
             {

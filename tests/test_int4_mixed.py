@@ -190,6 +190,22 @@ def test_compact_scales_budget_holds_in_the_written_file(bpw: float, tmp_path: P
     assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
 
 
+def test_max_size_budget_holds_with_compact_scales_and_long_names(tmp_path: Path) -> None:
+    lm = tiny_lm(layers=3, d=128, ff=256, vocab=512)
+    for node in lm.graph.node:  # exporter-style names: the widening's strings grow with them
+        node.name = f"/model/layers.{node.name}/self_attn/{node.name}/MatMul_with_a_long_tail"
+    path, npz = _save(tmp_path, "lm", lm), _calib(tmp_path)
+    smallest = tmp_path / "small.onnx"
+    convert_int4_file(path, smallest, Int4Config(budget_bpw=4.4, compact_scales=True))
+    low = file_size(smallest)
+    for limit in (int(low * 1.05), int(low * 1.5)):
+        out = tmp_path / f"q{limit}.onnx"
+        config = Int4Config(max_bytes=limit, compact_scales=True)
+        summary = convert_int4_file(path, out, config, data_spec=str(npz))
+        assert 0.85 * limit <= file_size(out) <= limit
+        assert summary.warnings == []
+
+
 def test_max_size_budget_holds_for_the_file(tmp_path: Path) -> None:
     path = _save(tmp_path, "lm", tiny_lm(layers=4))
     npz = _calib(tmp_path)

@@ -126,19 +126,19 @@ def test_compact_scales_are_float16_folded_by_onnx_runtime(tmp_path: Path, cli: 
     """--compact-scales: float16 x a power of two, widened by Cast -> Mul that ONNX Runtime
     folds at load; the result equals float32 scales of the widened values."""
     path = tmp_path / "lm.onnx"
-    onnx.save(tiny_lm(layers=1, d=64, ff=128, vocab=512), path)  # >= 256 scales a tensor
+    onnx.save(tiny_lm(layers=1, d=128, ff=256, vocab=512), path)  # >= 512 scales a tensor
     compact, full = tmp_path / "compact.onnx", tmp_path / "full.onnx"
     small = convert_int4_file(path, compact, Int4Config(block_size=16, compact_scales=True))
     assert any("float16" in note for note in small.details["int4"]["notes"])
     cli.ok("convert", path, "-o", full, "--bits", "4", "--block-size", "16")
     assert compact.stat().st_size < full.stat().st_size
-    # inspect reads the stored bytes through the widening: K=64 in 4 blocks of 16, N=64:
+    # inspect reads the stored bytes through the widening: K=128 in 8 blocks of 16, N=128:
     # 4 bits, a float16 scale and half a zero-point byte per 16 weights, one float32 factor
     rows = {
         r["node"]: r for r in json.loads(cli.ok("inspect", compact, "--json").stdout)["weight_bits"]
     }
     assert rows["l0_o_proj_MatMulNBits"]["bits_per_weight"] == pytest.approx(
-        4 + 1 + 0.25 + 32 / 64**2, abs=1e-3
+        4 + 1 + 0.25 + 32 / 128**2, abs=1e-3
     )
     full_rows = json.loads(cli.ok("inspect", full, "--json").stdout)["weight_bits"]
     assert {r["node"]: r for r in full_rows}["l0_o_proj_MatMulNBits"]["bits_per_weight"] == 6.25
@@ -168,6 +168,8 @@ def test_compact_scales_are_float16_folded_by_onnx_runtime(tmp_path: Path, cli: 
     ]
     assert not halves  # every widening folded into a float32 initializer
     feeds = {"ids": np.random.default_rng(0).integers(0, 512, (4, 12)).astype(np.int64)}
+    # Q, K, V, O, gate, up, down and the head; the tied table reads the head's
+    assert small.details["int4"]["notes"][-1].startswith("8 scales tensors stored as float16")
     (want,) = run_ort(_widened(compact), feeds)
     (got,) = run_ort(compact, feeds)
     np.testing.assert_array_equal(got, want)

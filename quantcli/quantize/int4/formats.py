@@ -15,9 +15,10 @@ import numpy as np
 from quantcli.quantize.math.int4 import n_blocks_for
 
 COARSE_BLOCKS = (128, 64, 32)  # the coarse 4-bit option: the one storing fewest bytes
-# Compact (float16) scales only for tensors of at least this many scales: below it the Cast
-# and Mul nodes that widen them weigh more than the 2 bytes a scale saves.
-COMPACT_MIN_SCALES = 256
+# Compact (float16) scales only for tensors of at least this many scales: the Cast and Mul
+# nodes that widen them, the factor and their names weigh 0.5-0.9 KB (longer node names
+# cost more), against the 2 bytes a scale saves.
+COMPACT_MIN_SCALES = 512
 
 
 def compact_scales(k: int, n: int, block_size: int) -> bool:

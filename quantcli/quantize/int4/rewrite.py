@@ -37,6 +37,7 @@ class Context:
     algorithm: str
     accuracy_level: int
     namer: Namer
+    compacted: int = 0  # scales tensors stored as float16 (--compact-scales)
 
     @property
     def graph(self) -> ir.Graph:
@@ -177,6 +178,7 @@ def _scales(ctx: Context, name: str, scales: np.ndarray, dtype: np.dtype) -> ir.
     if small or not (ctx.config.compact_scales and np.dtype(dtype) == np.float32):
         return add_initializer(graph, namer(name), np.ascontiguousarray(scales.astype(dtype)))
     half, factor = float16_scaled(scales)
+    ctx.compacted += 1
     stored = add_initializer(graph, namer(f"{name}_float16"), np.ascontiguousarray(half))
     power = add_initializer(graph, namer(f"{name}_factor"), np.array(factor, np.float32))
     cast = ir.Node(

@@ -223,12 +223,13 @@ def float16_scaled(scales: np.ndarray) -> tuple[np.ndarray, np.float32]:
     """Block scales stored as float16 times one power of two: ``(half, factor)``, the scales
     read back as ``half.astype(float32) * factor`` (exact in float32).
 
-    The factor puts the largest scale in [0.5, 1), so no scale overflows and every scale down
-    to 2^-15 of the largest keeps float16's 11 significant bits (relative error at most
-    2^-11); smaller ones, whose blocks hold the smallest weights, lose bits gradually.
+    The factor puts the largest scale in [2^14, 2^15) (float16 holds up to 65504), so no
+    scale overflows and every scale down to 2^-28 of the largest is a float16 normal that
+    keeps 11 significant bits (relative error at most 2^-11); smaller ones, whose blocks hold
+    the smallest weights, lose bits gradually.
     """
     s = np.asarray(scales, dtype=np.float32)
     top = float(np.abs(s).max()) if s.size else 0.0
-    exponent = int(np.frexp(top)[1]) if 0 < top < np.inf else 0
+    exponent = int(np.frexp(top)[1]) - 15 if 0 < top < np.inf else 0
     factor = np.float32(np.ldexp(np.float32(1), exponent))
     return (s / factor).astype(np.float16), factor
