@@ -108,7 +108,12 @@ def weight_bits(model: ir.Model) -> list[dict[str, Any]]:
         data = _PACKED[node.op_type][0]
         weights = node.inputs[data]
         name = weights.name if weights is not None else ""
-        if name not in packed:
+        table = weights.const_value if weights is not None else None
+        if name in packed:
+            count = packed[name][1]
+        elif table is not None:  # an int4/uint4 table: its type counts values already
+            count = table.size
+        else:
             producer = weights.producer() if weights is not None else None
             shared = producer.inputs[0].name if producer is not None else ""
             rows.append(
@@ -129,7 +134,6 @@ def weight_bits(model: ir.Model) -> list[dict[str, Any]]:
             for i, v in enumerate(node.inputs)
             if i >= data and i != skip and v is not None
         )
-        count = packed[name][1]
         rows.append(
             {
                 "node": node.name,

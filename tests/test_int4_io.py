@@ -123,3 +123,32 @@ def test_inspect_counts_packed_weights_as_parameters(tmp_path: Path, cli: Cli) -
     assert rows["l0_o_proj_MatMulNBits"]["bits_per_weight"] == pytest.approx(5.25)
     text = cli.ok("inspect", out).stdout
     assert "Bits per layer" in text and "shares lm_head.B_int8" in text
+
+
+def test_inspect_counts_an_untied_int4_table(tmp_path: Path, cli: Cli) -> None:
+    """A lookup table of its own (BERT's) is stored as uint4 [V, D]: inspect counts its
+    values and bytes (it used to list it as sharing another node's weights)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("Gather", ["T", "ids"], ["h"], name="lookup"),
+        onnx.helper.make_node("MatMul", ["h", "W"], ["y"], name="proj"),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((200, 64)).astype(np.float32), "T"),
+        onnx.numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "W"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+        inits,
+    )
+    path, out = tmp_path / "table.onnx", tmp_path / "q4.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    cli.ok("convert", path, "-o", out, "--bits", "4")
+    rows = json.loads(cli.ok("inspect", out, "--json").stdout)["weight_bits"]
+    (table,) = [r for r in rows if r["op_type"] == "GatherBlockQuantized"]
+    assert "shares" not in table and table["parameters"] == 200 * 64
+    # 4 bits, a float32 scale and a 4-bit zero point per block of 32
+    assert table["bits_per_weight"] == pytest.approx(4 + 32 / 32 + 4 / 32)
