@@ -11,6 +11,7 @@ segment by segment on the outputs of the layers already quantized (`calib.py`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -265,17 +266,17 @@ def _choose(
     ]
     if _cheapest(units, heads, sizes) <= budget:
         options = heads
-    cheapest = sum(
-        min(sizes.unit_bytes(u, c) for c in opts) for u, opts in zip(units, options, strict=True)
-    )
+    cheapest = _cheapest(units, options, sizes)
     if budget < cheapest:
         floor = 8 * cheapest / params
+        hint = "raise --budget"
+        if _compact_would_help(units, sizes, config):
+            compact = 8 * _cheapest(units, options, replace(sizes, compact=True)) / params
+            hint += f", or add --compact-scales: float16 scales, from {compact:.2f} bits per weight"
         raise InputError(
             f"the size budget ({wanted}) is below the smallest mix this model allows "
             f"({floor:.2f} bits per weight, {(cheapest + fixed_bytes) / 1e6:.2f} MB)",
-            hint="raise --budget, or store float16 scales with --compact-scales"
-            if _compact_would_help(units, sizes, config)
-            else "raise --budget",
+            hint=hint,
         )
     errors = _scores(ctx, units, options, data, batch_size, progress)
     if data is None:
