@@ -113,7 +113,7 @@ def quantize_int4(
         c.weight
         for u in units
         for c in u.members + u.tables
-        if config.compact_scales and sizes.itemsize.get(c.weight, 4) == 4
+        if config.compact_scales and sizes.float32(c.weight)
     }
     fixed = _fixed_bytes(model, units, widened) if config.max_bytes is not None else 0
     choices = _choose(ctx, units, sizes, data, batch_size, progress, fixed, result)
@@ -293,7 +293,7 @@ def _choose(
 def _compact_would_help(units: list[Int4Unit], sizes: Sizes, config: Int4Config) -> bool:
     if config.compact_scales or config.format != "matmulnbits":
         return False
-    return any(sizes.itemsize.get(c.weight, 4) == 4 for u in units for c in u.weights())
+    return any(sizes.float32(c.weight) for u in units for c in u.weights())
 
 
 def _cheapest(units: list[Int4Unit], options: list[list[Choice]], sizes: Sizes) -> int:

@@ -21,9 +21,9 @@ COARSE_BLOCKS = (128, 64, 32)  # the coarse 4-bit option: the one storing fewest
 COMPACT_MIN_SCALES = 512
 
 
-def compact_scales(k: int, n: int, block_size: int) -> bool:
-    """Whether a float32 [K, N] weight's scales are stored compact (float16)."""
-    return n_blocks_for(k, block_size) * n >= COMPACT_MIN_SCALES
+def compact_scales(count: int) -> bool:
+    """Whether a float32 weight's ``count`` scales are stored compact (float16)."""
+    return count >= COMPACT_MIN_SCALES
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from quantcli.quantize.int4.formats import (
     weight_bytes,
 )
 from quantcli.quantize.int4.plan import Int4Unit
+from quantcli.quantize.math.int4 import n_blocks_for
 
 MIXES = {
     "k-quant": "like llama.cpp's Q4_K_M: the output head (and a tied embedding), and the "
@@ -68,10 +69,14 @@ class Sizes:
             config.format, config.block_size, config.symmetric, itemsize, config.compact_scales
         )
 
+    def float32(self, weight: str) -> bool:
+        """Whether a weight is float32 (the type whose scales compact scales shrink)."""
+        return self.itemsize.get(weight, 4) == 4
+
     def scale_bytes(self, unit: Int4Unit) -> int:
         """Bytes of one stored scale of the unit's weights."""
-        size = self.itemsize.get((unit.members or unit.tables)[0].weight, 4)
-        return 2 if self.compact and size == 4 else size
+        weight = (unit.members or unit.tables)[0].weight
+        return 2 if self.compact and self.float32(weight) else self.itemsize.get(weight, 4)
 
     def int8(self, unit: Int4Unit) -> Choice:
         return Choice(8, int8_block(unit.k, unit.tied, self.scale_bytes(unit)))
@@ -101,7 +106,7 @@ class Sizes:
                 self.compact
                 and size == 4
                 and not choice.is_float
-                and compact_scales(k, n, choice.block_size)
+                and compact_scales(n_blocks_for(k, choice.block_size) * n)
             )
             total += weight_bytes(
                 choice,

@@ -14,9 +14,9 @@ from quantcli.graph.build import MS_DOMAIN, Namer, add_initializer, const_array
 from quantcli.graph.mapped import release
 from quantcli.quantize.int4.config import Int4Config
 from quantcli.quantize.int4.formats import (
-    COMPACT_MIN_SCALES,
     Choice,
     Int8Blocks,
+    compact_scales,
     quantize_int8_blocks,
 )
 from quantcli.quantize.int4.plan import Int4Candidate, Int4Unit
@@ -174,8 +174,8 @@ def _scales(ctx: Context, name: str, scales: np.ndarray, dtype: np.dtype) -> ir.
     pair into a float32 initializer when it loads the model, so the kernels (and their
     prepacking) see what they would see with float32 scales stored."""
     graph, namer = ctx.graph, ctx.namer
-    small = scales.size < COMPACT_MIN_SCALES
-    if small or not (ctx.config.compact_scales and np.dtype(dtype) == np.float32):
+    wanted = ctx.config.compact_scales and np.dtype(dtype) == np.float32
+    if not (wanted and compact_scales(scales.size)):
         return add_initializer(graph, namer(name), np.ascontiguousarray(scales.astype(dtype)))
     half, factor = float16_scaled(scales)
     ctx.compacted += 1
@@ -334,16 +334,10 @@ def _rewrite_gather(
         scale, zero = q.scales.T, None
     else:
         table, scale, zero = (a.T if a is not None else None for a in to_dequantize_linear_int4(q))
-    if config.format == "matmulnbits":
-        scales = _scales(ctx, f"{base}.table_scale", scale, dtype)
-    else:
-        scales = add_initializer(
-            graph, namer(f"{base}.table_scale"), np.ascontiguousarray(scale.astype(dtype))
-        )
     inputs = [
         add_initializer(graph, namer(f"{base}.table_int{bits}"), np.ascontiguousarray(table)),
         node.inputs[1],
-        scales,
+        _scales(ctx, f"{base}.table_scale", scale, dtype),
     ]
     if zero is not None:
         inputs.append(
