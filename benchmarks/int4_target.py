@@ -1,0 +1,131 @@
+"""Where SmolLM2's 4-bit error comes from: the output head or the body (issue #13's target of
+perplexity <= 1.03x float at a 4.5-bits-per-weight budget).
+
+    .venv/bin/python benchmarks/int4_target.py [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+Each setting is one `quantcli convert --json` in its own process (`proc.py`). Some settings
+keep part of the model float with --exclude; this splits the error between head and body,
+and it stands in for an exact copy of those layers. The 30 layers' K, V and FFN-down
+projections are a third of the body. Their GGUF source is Q4_1, so a float zero point at block
+32 would store them exactly, at 5.0 bits per weight with float16 scale and zero point.
+Perplexity is measured on the bench's eval windows against the float model. Only sizes and
+perplexities are recorded here; speed lives in int4_bench.py. With --gguf (needs `pip install
+gguf`) it also records the GGUF's tensor types: what the "float" export was dequantized from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from machine import host_kind, machine_info, snapshot_code
+from measure import METRICS, file_bytes, open_session, outputs
+from models import DEFAULT_CACHE, REPO, files
+from proc import run_tool
+
+HEAD = "node_linear_210"  # MatMul(x, Transpose(embedding)) in the dynamo export
+LAYERS, PER_LAYER = 30, 7  # q, k, v, o, gate, up, down: node_linear_{7i + j}
+
+
+def _linear(index: int) -> str:
+    return "node_linear" if index == 0 else f"node_linear_{index}"
+
+
+def _excluding(names: list[str]) -> list[str]:
+    return [a for n in names for a in ("--exclude", n)]
+
+
+BODY = [_linear(PER_LAYER * i + j) for i in range(LAYERS) for j in range(PER_LAYER)]
+KVD = [_linear(PER_LAYER * i + j) for i in range(LAYERS) for j in (1, 2, 6)]
+Q4 = ["--bits", "4", "--data", "CALIB", "--compact-scales"]
+SETTINGS = {
+    # the whole model: the issue's setting
+    "budget-4.5": [*Q4, "--budget", "4.5"],
+    # the body float: what the head alone loses
+    "head-8bit": [*Q4, *_excluding(BODY)],  # the default head format
+    "head-4bit": [*Q4, "--budget", "4.4", *_excluding(BODY)],
+    # the head float: what the body alone loses
+    "body-budget-4.55": [*Q4, "--budget", "4.55", "--exclude", HEAD],
+    "body-b64": [*Q4, "--block-size", "64", "--exclude", HEAD],
+    "body-kvd-float-rest-b64": [*Q4, "--block-size", "64", "--exclude", HEAD, *_excluding(KVD)],
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def gguf_types(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader  # optional: only for the record of the source's formats
+
+    tensors, params, head = Counter(), Counter(), None
+    for t in GGUFReader(str(path)).tensors:
+        tensors[t.tensor_type.name] += 1
+        params[t.tensor_type.name] += int(t.n_elements)
+        if t.name == "token_embd.weight":
+            head = t.tensor_type.name
+    return {"file": path.name, "tensors": tensors, "parameters": params, "token_embd": head}
+
+
+def run(name: str, cache: Path, timeout: float) -> dict[str, Any]:
+    f = files(cache, "smollm2")
+    out = cache / "out-int4" / "target" / name / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.iterdir():
+        old.unlink()
+    args = [str(f.calib) if a == "CALIB" else a for a in SETTINGS[name]]
+    report = out.parent / "convert.json"
+    cmd = [sys.executable, "-m", "quantcli", "convert", str(f.model), *args, "-o", str(out)]
+    rec: dict[str, Any] = {"args": SETTINGS[name]}
+    rec["convert"] = run_tool([*cmd, "--json"], timeout, 14, stdout=report)
+    if rec["convert"]["ok"]:
+        int4 = json.loads(report.read_text())["int4"]
+        rec["bits_per_weight"] = int4["bits_per_weight"]
+        rec["parameters_by_format"] = int4["parameters_by_format"]
+        rec["size_bytes"] = file_bytes(out)
+    return rec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--gguf", type=Path, help="the Q4_1 GGUF the export came from")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--allow-dirty", action="store_true", help="run uncommitted benchmarks/")
+    args = p.parse_args()
+    kind, _ = host_kind()
+    res: dict[str, Any] = {
+        "meta": machine_info()
+        | {"command": " ".join(["python", *sys.argv]), "code": snapshot_code(args.allow_dirty)}
+    }
+    if args.gguf:
+        res["gguf"] = gguf_types(args.gguf)
+    f = files(args.cache, "smollm2")
+    data = dict(np.load(f.eval))
+    ref = outputs(open_session(f.model, 2), data, "lm")
+    floor = METRICS["lm"](ref, ref, data)["perplexity"]
+    res["float"] = {"perplexity": floor, "size_bytes": file_bytes(f.model)}
+    res["settings"] = {}
+    out = args.out or REPO / "benchmarks" / "results" / f"int4-target-{kind}.json"
+    for name in SETTINGS:
+        rec = run(name, args.cache, args.timeout)
+        if "size_bytes" in rec:
+            path = args.cache / "out-int4" / "target" / name / "model.onnx"
+            rec["metrics"] = METRICS["lm"](ref, outputs(open_session(path, 2), data, "lm"), data)
+            rec["perplexity_ratio"] = round(rec["metrics"]["perplexity"] / floor, 4)
+        log(f"{name}: {rec.get('perplexity_ratio')} {rec.get('bits_per_weight')} bpw")
+        res["settings"][name] = rec
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
