@@ -314,7 +314,11 @@ def render(path: Path, docs: Path | None, block: str = "int4-bench", chart: bool
         svg = REPO / "docs" / f"int4-{name}-{res['meta']['host_kind']}.svg"
         svg.write_text(svg_chart(entry, f"{entry['title']}: size vs {_metric(entry['task'])[0]}"))
         charts[name] = svg.name
-    text = markdown(res, charts)
+    fill_block(markdown(res, charts), docs, block)
+
+
+def fill_block(text: str, docs: Path | None, block: str) -> None:
+    """Print `text`, or put it between the `block` markers of `docs`."""
     if docs is None:
         print(text)
         return

@@ -2,6 +2,9 @@
 perplexity <= 1.03x float at a 4.5-bits-per-weight budget).
 
     .venv/bin/python benchmarks/int4_target.py [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf]
+    .venv/bin/python benchmarks/int4_target.py \\
+        --render benchmarks/results/int4-target-<host>.json \\
+        --docs docs/int4.md
 
 Each setting is one `quantcli convert --json` in its own process (`proc.py`). Some settings
 keep part of the model float with --exclude; this splits the error between head and body,
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from int4_bench import fill_block
 from machine import host_kind, machine_info, snapshot_code
 from measure import METRICS, file_bytes, open_session, outputs
 from models import DEFAULT_CACHE, REPO, files
@@ -91,6 +95,41 @@ def run(name: str, cache: Path, timeout: float) -> dict[str, Any]:
     return rec
 
 
+def markdown(res: dict[str, Any]) -> str:
+    meta = res["meta"]
+    lines = [
+        f"Measured on {meta['host_kind']}, quantcli at {meta['code']['commit'][:10]}; reproduce "
+        f"with `{meta['command']}` (`{res['path']}`). Every setting is `--bits 4 --data "
+        "--compact-scales` and its options in the JSON file. Bits per weight count the "
+        "quantized weights only; the float ones are left out.",
+        "",
+        "| setting | float weights | bits per weight | size MB | perplexity | x float |",
+        "|---|---|---|---|---|---|",
+        f"| float | all | - | {res['float']['size_bytes'] / 1e6:.1f} "
+        f"| {res['float']['perplexity']:.2f} | 1.000 |",
+    ]
+    kept = {"budget-4.5": "none", "head-8bit": "body", "head-4bit": "body"}
+    kept["body-kvd-float-rest-b64"] = "head; K, V, FFN down"
+    for name, rec in res["settings"].items():
+        if "metrics" not in rec:
+            lines.append(f"| {name} | | failed: {rec['convert'].get('error')} | | | |")
+            continue
+        lines.append(
+            f"| {name} | {kept.get(name, 'head')} | {rec['bits_per_weight']} "
+            f"| {rec['size_bytes'] / 1e6:.1f} | {rec['metrics']['perplexity']:.2f} "
+            f"| {rec['perplexity_ratio']:.3f} |"
+        )
+    if "gguf" in res:
+        g = res["gguf"]
+        types = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in g["parameters"].items())
+        lines += [
+            "",
+            f"The source `{g['file']}` holds {types} weights; the table the head "
+            f"reads (`token_embd`) is {g['token_embd']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,7 +139,13 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help="the Q4_1 GGUF the export came from")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--allow-dirty", action="store_true", help="run uncommitted benchmarks/")
+    p.add_argument("--render", type=Path, help="a results file to render as Markdown")
+    p.add_argument("--docs", type=Path, help="put the rendering in docs' int4-target block")
     args = p.parse_args()
+    if args.render:
+        res = json.loads(args.render.read_text()) | {"path": args.render.as_posix()}
+        fill_block(markdown(res), args.docs, "int4-target")
+        return
     kind, _ = host_kind()
     res: dict[str, Any] = {
         "meta": machine_info()
