@@ -2,6 +2,7 @@
 perplexity <= 1.03x float at a 4.5-bits-per-weight budget).
 
     .venv/bin/python benchmarks/int4_target.py [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf]
+    .venv/bin/python benchmarks/int4_target.py --float-zero-points   # after int4_bench.py
     .venv/bin/python benchmarks/int4_target.py \\
         --render benchmarks/results/int4-target-<host>.json \\
         --docs docs/int4.md
@@ -14,6 +15,12 @@ projections are a third of the body. Their GGUF source is Q4_1, so a float zero 
 Perplexity is measured on the bench's eval windows against the float model. Only sizes and
 perplexities are recorded here; speed lives in int4_bench.py. With --gguf (needs `pip install
 gguf`) it also records the GGUF's tensor types: what the "float" export was dequantized from.
+
+--float-zero-points asks whether a float zero point (which could copy Q4_1 blocks exactly)
+is usable on CPU: it times ONNX Runtime's HQQ file (float zero points; int4_bench.py writes
+it) as written (accuracy_level unset, i.e. 0) and with accuracy_level 4 set on every
+MatMulNBits, against float and quantcli's default, interleaved (`measure.latency`, one
+thread), and checks whether level 4 changes the outputs at all. It merges into the out file.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 from int4_bench import fill_block
 from machine import host_kind, machine_info, snapshot_code
-from measure import METRICS, file_bytes, open_session, outputs
+from measure import METRICS, file_bytes, latency, open_session, outputs, workloads
 from models import DEFAULT_CACHE, REPO, files
 from proc import run_tool
 
@@ -95,6 +102,39 @@ def run(name: str, cache: Path, timeout: float) -> dict[str, Any]:
     return rec
 
 
+def float_zero_points(cache: Path, rounds: int) -> dict[str, Any]:
+    import onnx
+
+    out4 = cache / "out-int4" / "smollm2"
+    hqq = out4 / "ort-hqq" / "model.onnx"
+    if not hqq.exists():
+        sys.exit(f"{hqq} is missing: run int4_bench.py --models smollm2 --only ort-hqq first")
+    proto = onnx.load(str(hqq))
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [x for x in node.attribute if x.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", 4)])
+    level4 = cache / "out-int4" / "target" / "hqq-level4" / "model.onnx"
+    level4.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(level4), save_as_external_data=True, location="model.onnx.data")
+    del proto
+    f = files(cache, "smollm2")
+    paths = {"float": f.model, "ort-hqq": hqq, "ort-hqq-level4": level4}
+    paths["quantcli-default"] = out4 / "quantcli" / "model.onnx"
+    sessions = {k: open_session(p, 1) for k, p in paths.items()}
+    data = dict(np.load(f.eval))
+    ref = outputs(sessions["float"], data, "lm")
+    got = {k: outputs(sessions[k], data, "lm") for k in ("ort-hqq", "ort-hqq-level4")}
+    names = [i.name for i in sessions["float"].get_inputs()]
+    timing = latency(sessions, workloads("lm", data, names), rounds)
+    return {
+        "level4_changes_outputs": not np.array_equal(got["ort-hqq"], got["ort-hqq-level4"]),
+        "perplexity": {k: METRICS["lm"](ref, v, data)["perplexity"] for k, v in got.items()},
+        "latency": timing,
+    }
+
+
 def markdown(res: dict[str, Any]) -> str:
     meta = res["meta"]
     lines = [
@@ -119,6 +159,23 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {rec['size_bytes'] / 1e6:.1f} | {rec['metrics']['perplexity']:.2f} "
             f"| {rec['perplexity_ratio']:.3f} |"
         )
+    if "float_zero_points" in res:
+        z = res["float_zero_points"]
+        ms = {k: v for k, v in z["latency"].items() if k != "_reps"}
+        lines += [
+            "",
+            "Float zero points on "
+            + z["meta"]["host_kind"]
+            + f" (`{z['meta']['command']}`), median ms of the 1-token step and the 128-token "
+            "prompt: "
+            + ", ".join(
+                f"{k} {v['step1']['median_ms']:.1f} and {v['prompt128']['median_ms']:.0f}"
+                for k, v in ms.items()
+            )
+            + ". Setting accuracy_level 4 on ONNX Runtime's HQQ file "
+            + ("changes" if z["level4_changes_outputs"] else "does not change")
+            + " its outputs.",
+        ]
     if "gguf" in res:
         g = res["gguf"]
         types = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in g["parameters"].items())
@@ -139,6 +196,8 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help="the Q4_1 GGUF the export came from")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--allow-dirty", action="store_true", help="run uncommitted benchmarks/")
+    p.add_argument("--float-zero-points", action="store_true", help="only the HQQ speed check")
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--render", type=Path, help="a results file to render as Markdown")
     p.add_argument("--docs", type=Path, help="put the rendering in docs' int4-target block")
     args = p.parse_args()
@@ -147,10 +206,18 @@ def main() -> None:
         fill_block(markdown(res), args.docs, "int4-target")
         return
     kind, _ = host_kind()
-    res: dict[str, Any] = {
-        "meta": machine_info()
-        | {"command": " ".join(["python", *sys.argv]), "code": snapshot_code(args.allow_dirty)}
+    meta = machine_info() | {
+        "command": " ".join(["python", *sys.argv]),
+        "code": snapshot_code(args.allow_dirty),
     }
+    out = args.out or REPO / "benchmarks" / "results" / f"int4-target-{kind}.json"
+    if args.float_zero_points:
+        res = json.loads(out.read_text()) if out.exists() else {}
+        res["float_zero_points"] = float_zero_points(args.cache, args.rounds) | {"meta": meta}
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        log(f"wrote {out}")
+        return
+    res: dict[str, Any] = {"meta": meta}
     if args.gguf:
         res["gguf"] = gguf_types(args.gguf)
     f = files(args.cache, "smollm2")
@@ -159,7 +226,6 @@ def main() -> None:
     floor = METRICS["lm"](ref, ref, data)["perplexity"]
     res["float"] = {"perplexity": floor, "size_bytes": file_bytes(f.model)}
     res["settings"] = {}
-    out = args.out or REPO / "benchmarks" / "results" / f"int4-target-{kind}.json"
     for name in SETTINGS:
         rec = run(name, args.cache, args.timeout)
         if "size_bytes" in rec:
