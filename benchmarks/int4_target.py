@@ -19,8 +19,9 @@ gguf`) it also records the GGUF's tensor types: what the "float" export was dequ
 --float-zero-points asks whether a float zero point (which could copy Q4_1 blocks exactly)
 is usable on CPU: it times ONNX Runtime's HQQ file (float zero points; int4_bench.py writes
 it) as written (accuracy_level unset, i.e. 0) and with accuracy_level 4 set on every
-MatMulNBits, against float and quantcli's default, interleaved (`measure.latency`, one
-thread), and checks whether level 4 changes the outputs at all. It merges into the out file.
+MatMulNBits, against float and quantcli's default (int4_bench.py's file), interleaved
+(`measure.latency`, one thread), and checks whether level 4 changes the outputs at all. It
+merges into the out file.
 """
 
 from __future__ import annotations
