@@ -40,6 +40,8 @@ LM = {
     "ort-rtn": ("ort", {"algorithm": "default"}),
     "ort-rtn-acc4": ("ort", {"algorithm": "default", "accuracy_level": 4}),
     "ort-k_quant": ("ort", {"algorithm": "k_quant", "accuracy_level": 4}),
+    # ONNX Runtime's HQQ config takes no accuracy_level, so its nodes run at level 0; with
+    # its float zero points level 4 changes nothing (int4_target.py --float-zero-points)
     "ort-hqq": ("ort-torch", {"algorithm": "hqq", "accuracy_level": 4}),
     "ort-gptq": ("ort-torch", {"algorithm": "gptq", "accuracy_level": 4}),
     "quantcli-nodata": ("quantcli", Q4),
