@@ -326,8 +326,8 @@ def fill_block(text: str, docs: Path | None, block: str) -> None:
         return
     doc = docs.read_text()
     start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
-    if start not in doc:
-        raise SystemExit(f"{docs} has no {start} marker")
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{docs} has no {start} ... {end} block")
     before, rest = doc.split(start, 1)
     after = rest.split(end, 1)[1]
     docs.write_text(f"{before}{start}\n{text}\n{end}{after}")

@@ -40,7 +40,9 @@ from measure import METRICS, file_bytes, latency, open_session, outputs, workloa
 from models import DEFAULT_CACHE, REPO, files
 from proc import run_tool
 
-HEAD = "node_linear_210"  # MatMul(x, Transpose(embedding)) in the dynamo export
+# the tied pair: the output head MatMul(x, Transpose(embedding)) and the embedding lookup,
+# which quantcli quantizes on its own table when the head stays float
+HEAD = ["node_linear_210", "node_embedding"]
 LAYERS, PER_LAYER = 30, 7  # q, k, v, o, gate, up, down: node_linear_{7i + j}
 
 
@@ -62,9 +64,9 @@ SETTINGS = {
     "head-8bit": [*Q4, *_excluding(BODY)],  # the default head format
     "head-4bit": [*Q4, "--budget", "4.4", *_excluding(BODY)],
     # the head float: what the body alone loses
-    "body-budget-4.55": [*Q4, "--budget", "4.55", "--exclude", HEAD],
-    "body-b64": [*Q4, "--block-size", "64", "--exclude", HEAD],
-    "body-kvd-float-rest-b64": [*Q4, "--block-size", "64", "--exclude", HEAD, *_excluding(KVD)],
+    "body-budget-4.55": [*Q4, "--budget", "4.55", *_excluding(HEAD)],
+    "body-b64": [*Q4, "--block-size", "64", *_excluding(HEAD)],
+    "body-kvd-float-rest-b64": [*Q4, "--block-size", "64", *_excluding(HEAD + KVD)],
 }
 
 
@@ -99,6 +101,7 @@ def run(name: str, cache: Path, timeout: float) -> dict[str, Any]:
         int4 = json.loads(report.read_text())["int4"]
         rec["bits_per_weight"] = int4["bits_per_weight"]
         rec["parameters_by_format"] = int4["parameters_by_format"]
+        rec["float_nodes"] = json.loads(report.read_text())["float"]
         rec["size_bytes"] = file_bytes(out)
     return rec
 
@@ -118,11 +121,15 @@ def float_zero_points(cache: Path, rounds: int) -> dict[str, Any]:
             node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", 4)])
     level4 = cache / "out-int4" / "target" / "hqq-level4" / "model.onnx"
     level4.parent.mkdir(parents=True, exist_ok=True)
+    for old in level4.parent.iterdir():  # onnx.save appends to an existing data file
+        old.unlink()
     onnx.save(proto, str(level4), save_as_external_data=True, location="model.onnx.data")
     del proto
     f = files(cache, "smollm2")
     paths = {"float": f.model, "ort-hqq": hqq, "ort-hqq-level4": level4}
     paths["quantcli-default"] = out4 / "quantcli" / "model.onnx"
+    if not paths["quantcli-default"].exists():
+        sys.exit(f"{paths['quantcli-default']} is missing: run int4_bench.py --only quantcli")
     sessions = {k: open_session(p, 1) for k, p in paths.items()}
     data = dict(np.load(f.eval))
     ref = outputs(sessions["float"], data, "lm")
@@ -139,6 +146,11 @@ def float_zero_points(cache: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def _formats(rec: dict[str, Any]) -> str:
+    by = sorted(rec["parameters_by_format"].items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v / 1e6:.1f}" for k, v in by)
+
+
 def markdown(res: dict[str, Any]) -> str:
     meta = res["meta"]
     lines = [
@@ -147,19 +159,21 @@ def markdown(res: dict[str, Any]) -> str:
         "--compact-scales` and its options in the JSON file. Bits per weight count the "
         "quantized weights only; the float ones are left out.",
         "",
-        "| setting | float weights | bits per weight | size MB | perplexity | x float |",
-        "|---|---|---|---|---|---|",
-        f"| float | all | - | {res['float']['size_bytes'] / 1e6:.1f} "
+        "| setting | float weights | quantized as (M weights) | bits per weight | size MB "
+        "| perplexity | x float |",
+        "|---|---|---|---|---|---|---|",
+        f"| float | all | - | - | {res['float']['size_bytes'] / 1e6:.1f} "
         f"| {res['float']['perplexity']:.2f} | 1.000 |",
     ]
     kept = {"budget-4.5": "none", "head-8bit": "body", "head-4bit": "body"}
-    kept["body-kvd-float-rest-b64"] = "head; K, V, FFN down"
+    kept["body-kvd-float-rest-b64"] = "head and lookup; K, V, FFN down"
     for name, rec in res["settings"].items():
         if "metrics" not in rec:
-            lines.append(f"| {name} | | failed: {rec['convert'].get('error')} | | | |")
+            lines.append(f"| {name} | | failed: {rec['convert'].get('error')} | | | | |")
             continue
         lines.append(
-            f"| {name} | {kept.get(name, 'head')} | {rec['bits_per_weight']} "
+            f"| {name} | {kept.get(name, 'head and lookup')} | {_formats(rec)} "
+            f"| {rec['bits_per_weight']:.2f} "
             f"| {rec['size_bytes'] / 1e6:.1f} | {rec['metrics']['perplexity']:.2f} "
             f"| {rec['perplexity_ratio']:.3f} |"
         )
@@ -170,6 +184,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             "Float zero points on "
             + z["meta"]["host_kind"]
+            + f", quantcli at {z['meta']['code']['commit'][:10]}"
             + f" (`{z['meta']['command']}`), median ms of the 1-token step and the 128-token "
             "prompt: "
             + ", ".join(
@@ -216,12 +231,17 @@ def main() -> None:
     }
     out = args.out or REPO / "benchmarks" / "results" / f"int4-target-{kind}.json"
     if args.float_zero_points:
-        res = json.loads(out.read_text()) if out.exists() else {}
+        if not out.exists():
+            sys.exit(f"{out} is missing: run this script without --float-zero-points first")
+        res = json.loads(out.read_text())
         res["float_zero_points"] = float_zero_points(args.cache, args.rounds) | {"meta": meta}
         out.write_text(json.dumps(res, indent=1) + "\n")
         log(f"wrote {out}")
         return
     res: dict[str, Any] = {"meta": meta}
+    if out.exists():  # keep a --float-zero-points section measured earlier
+        earlier = json.loads(out.read_text()).get("float_zero_points")
+        res |= {"float_zero_points": earlier} if earlier else {}
     if args.gguf:
         res["gguf"] = gguf_types(args.gguf)
     f = files(args.cache, "smollm2")
