@@ -8,10 +8,11 @@ perplexity <= 1.03x float at a 4.5-bits-per-weight budget).
         --docs docs/int4.md
 
 Each setting is one `quantcli convert --json` in its own process (`proc.py`). Some settings
-keep part of the model float with --exclude; this splits the error between head and body,
-and it stands in for an exact copy of those layers. The 30 layers' K, V and FFN-down
-projections are a third of the body. Their GGUF source is Q4_1, so a float zero point at block
-32 would store them exactly, at 5.0 bits per weight with float16 scale and zero point.
+keep part of the model float with --exclude. This splits the error between the head (with
+the embedding lookup that reads its table) and the body, and it stands in for a near-exact
+copy of those layers. The 30 layers' K, V and FFN-down projections are a third of the body.
+Their GGUF source is Q4_1, so a float16 zero point at block 32 would store them almost
+exactly, at 5.0 bits per weight with a float16 scale.
 Perplexity is measured on the bench's eval windows against the float model. Only sizes and
 perplexities are recorded here; speed lives in int4_bench.py. With --gguf (needs `pip install
 gguf`) it also records the GGUF's tensor types: what the "float" export was dequantized from.
@@ -101,10 +102,10 @@ def run(name: str, cache: Path, timeout: float) -> dict[str, Any]:
     rec: dict[str, Any] = {"args": SETTINGS[name]}
     rec["convert"] = run_tool([*cmd, "--json"], timeout, 14, stdout=report)
     if rec["convert"]["ok"]:
-        int4 = json.loads(report.read_text())["int4"]
-        rec["bits_per_weight"] = int4["bits_per_weight"]
-        rec["parameters_by_format"] = int4["parameters_by_format"]
-        rec["float_nodes"] = json.loads(report.read_text())["float"]
+        doc = json.loads(report.read_text())
+        rec["bits_per_weight"] = doc["int4"]["bits_per_weight"]
+        rec["parameters_by_format"] = doc["int4"]["parameters_by_format"]
+        rec["float_nodes"] = doc["float"]
         rec["size_bytes"] = file_bytes(out)
     return rec
 
