@@ -104,7 +104,7 @@ class Sizes:
                 layout = "qdq"  # GatherBlockQuantized 8-bit: [V, D] uint8, no padding
             compact = (
                 self.compact
-                and size == 4
+                and self.float32(cand.weight)
                 and not choice.is_float
                 and compact_scales(n_blocks_for(k, choice.block_size) * n)
             )
